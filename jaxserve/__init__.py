@@ -1,0 +1,1 @@
+"""jaxserve: a JAX inference engine for large language models."""
