@@ -1,0 +1,173 @@
+"""Frozen, hashable configuration: `ModelConfig` from a Hugging Face `config.json` dict.
+
+One explicit converter (`ModelConfig.from_hf`) turns the HF dict into the fields the model
+functions read; GGUF metadata is first rebuilt into the same HF dict by the GGUF reader, so
+there is exactly one place where architectures are recognised.
+
+Dimension alphabet used across jaxserve (shape comments and einsum strings):
+  T tokens (flat ragged batch)   R requests        B rows that get logits
+  D model width   F MLP width    H query heads     K kv heads    G = H // K
+  E head dim      V vocabulary   L layers          P pages       S page size
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxserve.errors import UnsupportedArchitectureError
+
+# architectures -> (model_type, has q/k/v bias, has per-head q/k RMSNorm)
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", False, False),  # Llama 2/3/3.1/3.2, SmolLM2
+    "MistralForCausalLM": ("mistral", False, False),
+    "Qwen2ForCausalLM": ("qwen2", True, False),
+    "Qwen3ForCausalLM": ("qwen3", False, True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling. `llama3` follows Meta's Llama 3.1 recipe; `linear` divides positions."""
+
+    rope_type: str  # "llama3" | "linear"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int  # V
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # H
+    num_kv_heads: int  # K
+    head_dim: int  # E
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v projections
+    o_bias: bool = False  # Llama with attention_bias=True also biases o_proj
+    qk_norm: bool = False  # Qwen3: RMSNorm over E on each q and k head
+    sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` positions
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def group_size(self) -> int:  # G: query heads per kv head
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """Convert a Hugging Face `config.json` dict. Unknown architectures are an error."""
+        archs = hf.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            by_type = {t: a for a, (t, _, _) in SUPPORTED_ARCHITECTURES.items()}
+            arch = by_type.get(hf.get("model_type"))
+        if arch is None:
+            name = ", ".join(archs) or hf.get("model_type") or "<none given>"
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture {name!r}; jaxserve supports "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        _, qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedArchitectureError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        if hf.get("mlp_bias"):
+            raise UnsupportedArchitectureError("mlp_bias=True is not supported")
+        attention_bias = bool(hf.get("attention_bias", False))
+        if arch == "LlamaForCausalLM":
+            qkv_bias = attention_bias
+        elif arch == "Qwen3ForCausalLM":
+            qkv_bias = attention_bias  # Qwen3 has a flag too, default False
+        heads = int(hf["num_attention_heads"])
+        head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // heads
+        window = None
+        if arch == "MistralForCausalLM":
+            window = hf.get("sliding_window")
+        elif hf.get("use_sliding_window"):
+            raise UnsupportedArchitectureError(
+                f"{arch} with use_sliding_window=True (per-layer windows) is not supported")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        return cls(
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+                             or 10000.0),
+            rope_scaling=_rope_scaling(hf),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=attention_bias and arch == "LlamaForCausalLM",
+            qk_norm=qk_norm,
+            sliding_window=int(window) if window else None,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _rope_scaling(hf: dict) -> RopeScaling | None:
+    # transformers 4.x writes `rope_scaling`, 5.x writes `rope_parameters` (which also holds theta).
+    rs = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind == "llama3":
+        return RopeScaling("llama3", float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)),
+                           float(rs.get("high_freq_factor", 4.0)),
+                           int(rs.get("original_max_position_embeddings", 8192)))
+    if kind == "linear":
+        return RopeScaling("linear", float(rs["factor"]))
+    raise UnsupportedArchitectureError(f"rope scaling type {kind!r} is not supported "
+                                       "(supported: default, linear, llama3)")
+
+
+def rope_inv_freq(config: ModelConfig):
+    """Inverse frequencies [E/2] as float64 numpy, with the configured scaling applied.
+
+    llama3 scaling (Llama 3.1 paper / Meta's reference code): wavelengths longer than
+    original_max / low_freq_factor are divided by `factor`, shorter than original_max /
+    high_freq_factor are kept, and the band between is interpolated smoothly.
+    """
+    import numpy as np
+
+    e = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv
+    if rs.rope_type == "linear":
+        return inv / rs.factor
+    old = rs.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / rs.low_freq_factor, old / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    mid = (1 - smooth) * inv / rs.factor + smooth * inv
+    return np.where(wavelen > low_wavelen, inv / rs.factor, np.where(wavelen < high_wavelen, inv, mid))

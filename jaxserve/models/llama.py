@@ -1,0 +1,118 @@
+"""The Llama family (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as pure functions.
+
+A forward pass is `embed`, then `layers` over any contiguous group of layers (the runner may
+advance a prefill a few layers at a time), then `head` on the rows that need logits:
+
+    hidden = embed(params, token_ids)                                     # [T, D]
+    hidden, kv = layers(params, kv, hidden, md, config=c, first_layer=0, num_layers=c.num_layers)
+    logits = head(params, hidden, logits_indices, config=c)               # [B, V] float32
+
+`kv` is a tuple with one `(k_cache, v_cache)` pair per layer, each `[P, S, K, E]`: separate
+buffers per layer let XLA update each in place when the caller donates them (one stacked
+`[L, ...]` array was copied whole at every layer on CPU). Variants differ only by config flags:
+q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3), sliding window (Mistral), rope scaling.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve import kernels
+from jaxserve.config import ModelConfig, rope_inv_freq
+from jaxserve.kernels import AttentionMetadata
+
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [P, S, K, E]
+
+
+def rms_norm(x, w, eps):
+    """RMSNorm computed in float32 and cast back, as Hugging Face does."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w * y.astype(x.dtype)
+
+
+def rope(positions, c: ModelConfig):
+    """cos, sin [T, E/2] for the rotate-half convention of HF checkpoints."""
+    inv_freq = jnp.asarray(rope_inv_freq(c).astype(np.float32))
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, E/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x [T, N, E] rotated by position: halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def embed(params, token_ids):
+    """token_ids [T] -> hidden [T, D]."""
+    return params["embed"][token_ids]
+
+
+def attention_block(p, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, c: ModelConfig):
+    """x [T, D] (already normed) -> (attention output [T, D], k_cache, v_cache)."""
+    t, d = x.shape
+    k, g, e = c.num_kv_heads, c.group_size, c.head_dim
+    qkv = jnp.dot(x, p["wqkv"].reshape(d, -1)).reshape(t, k, g + 2, e)  # [T, K, G+2, E]
+    if c.qkv_bias:
+        qkv = qkv + p["bqkv"]
+    q = qkv[:, :, :g].reshape(t, k * g, e)  # [T, H, E]; head h = k * G + g as in HF's repeat_kv
+    k_new, v_new = qkv[:, :, g], qkv[:, :, g + 1]  # [T, K, E]
+    if c.qk_norm:
+        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+        k_new = rms_norm(k_new, p["k_norm"], c.rms_norm_eps)
+    q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
+    out, k_cache, v_cache = kernels.ragged_paged_attention(
+        q, k_cache, v_cache, k_new, v_new, md, sm_scale=e ** -0.5, sliding_window=c.sliding_window)
+    out = jnp.dot(out.reshape(t, -1), p["wo"].reshape(-1, d))  # [T, D]
+    if c.o_bias:
+        out = out + p["bo"]
+    return out, k_cache, v_cache
+
+
+def mlp_block(p, x):
+    """SwiGLU: x [T, D] -> [T, D]."""
+    t, d = x.shape
+    gate_up = jnp.dot(x, p["w_gate_up"].reshape(d, -1)).reshape(t, 2, -1)  # [T, 2, F]
+    return jnp.dot(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], p["w_down"])
+
+
+def layers(params, kv: KVCache, hidden, md: AttentionMetadata, *, config: ModelConfig,
+           first_layer: int, num_layers: int):
+    """Run layers [first_layer, first_layer + num_layers): hidden [T, D] -> (hidden, kv)."""
+    c = config
+    cos, sin = rope(md.positions, c)
+    kv = list(kv)
+    for i in range(first_layer, first_layer + num_layers):
+        p = params["layers"][i]
+        attn, k_cache, v_cache = attention_block(
+            p, rms_norm(hidden, p["attn_norm"], c.rms_norm_eps), *kv[i], md, cos, sin, c)
+        kv[i] = (k_cache, v_cache)
+        hidden = hidden + attn
+        hidden = hidden + mlp_block(p, rms_norm(hidden, p["mlp_norm"], c.rms_norm_eps))
+    return hidden, tuple(kv)
+
+
+def head(params, hidden, logits_indices, *, config: ModelConfig):
+    """hidden [T, D], logits_indices [B] -> logits [B, V] in float32."""
+    x = rms_norm(hidden[logits_indices], params["final_norm"], config.rms_norm_eps)  # [B, D]
+    if config.tie_word_embeddings:
+        return jnp.einsum("BD,VD->BV", x, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.dot(x, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def forward(params, kv: KVCache, token_ids, md: AttentionMetadata, logits_indices, *,
+            config: ModelConfig):
+    """The full model: (logits [B, V] float32, kv)."""
+    hidden, kv = layers(params, kv, embed(params, token_ids), md, config=config, first_layer=0,
+                        num_layers=config.num_layers)
+    return head(params, hidden, logits_indices, config=config), kv
+
+
+def init_kv_cache(c: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
+    shape = (num_pages, page_size, c.num_kv_heads, c.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))

@@ -1,0 +1,51 @@
+"""A minimal test driver: runs token sequences through the model and a paged KV cache, step by
+step, with shuffled pages and NaN in every unused page, returning the logits of every position."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.kernels import build_metadata, num_query_blocks
+from jaxserve.models import llama
+
+
+class PagedDriver:
+    def __init__(self, params, config, *, page_size=4, num_pages=64, dtype=jnp.float32, seed=0):
+        self.params, self.config, self.page_size = params, config, page_size
+        kv = llama.init_kv_cache(config, num_pages, page_size, dtype)
+        self.kv = jax.tree_util.tree_map(lambda a: jnp.full_like(a, jnp.nan), kv)
+        self.free = list(np.random.default_rng(seed).permutation(np.arange(1, num_pages)))
+        self.pages: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+        self.fwd = jax.jit(llama.forward, static_argnames=("config",), donate_argnums=(1,))
+
+    def step(self, chunks: dict[int, list[int]], *, query_block=4, num_tokens=None):
+        """chunks: request id -> new token ids. Returns request id -> logits [len, V] (numpy)."""
+        rids = list(chunks)
+        qlens = [len(chunks[r]) for r in rids]
+        kv_lens = []
+        for r in rids:
+            self.pages.setdefault(r, [])
+            n = self.lens.get(r, 0) + len(chunks[r])
+            while len(self.pages[r]) * self.page_size < n:
+                self.pages[r].append(self.free.pop())
+            self.lens[r] = n
+            kv_lens.append(n)
+        t = num_tokens or sum(qlens) + 3  # some padding tokens too
+        max_pages = max(len(self.pages[r]) for r in rids) + 1
+        md = build_metadata(query_lens=qlens, kv_lens=kv_lens, page_tables=[self.pages[r] for r in rids],
+                            page_size=self.page_size, num_tokens=t, num_requests=len(rids) + 1,
+                            num_pages_per_request=max_pages,
+                            num_blocks=num_query_blocks(qlens, query_block) + 1, query_block=query_block)
+        ids = np.zeros(t, np.int32)
+        ids[: sum(qlens)] = np.concatenate([chunks[r] for r in rids])
+        logits, self.kv = self.fwd(self.params, self.kv, jnp.asarray(ids), md,
+                                   jnp.arange(sum(qlens)), config=self.config)
+        logits = np.asarray(logits)
+        out, start = {}, 0
+        for r, q in zip(rids, qlens):
+            out[r] = logits[start:start + q]
+            start += q
+        return out

@@ -1,0 +1,79 @@
+"""The jnp ragged paged attention against naive dense attention, on random ragged batches with
+shuffled pages and NaN in every unused page slot."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.kernels import build_metadata, num_query_blocks, ragged_paged_attention
+from jaxserve.kernels.ragged_paged_attention import ref_dense_attention
+
+
+def random_batch(rng, *, num_requests, page_size, num_pages, kv_heads, group, head_dim,
+                 max_len=40, decode_only=False, query_block=4):
+    q_lens, kv_lens = [], []
+    for _ in range(num_requests):
+        kv = int(rng.integers(1, max_len))
+        q = 1 if decode_only or rng.random() < 0.4 else int(rng.integers(1, kv + 1))
+        q_lens.append(q), kv_lens.append(kv)
+    perm = rng.permutation(np.arange(1, num_pages))
+    tables, used = [], 0
+    for kv in kv_lens:
+        n = -(-kv // page_size)
+        tables.append(perm[used:used + n].tolist())
+        used += n
+    assert used < num_pages
+    t = sum(q_lens) + 5
+    md = build_metadata(query_lens=q_lens, kv_lens=kv_lens, page_tables=tables, page_size=page_size,
+                        num_tokens=t, num_requests=num_requests + 2,
+                        num_pages_per_request=max(len(p) for p in tables) + 2,
+                        num_blocks=num_query_blocks(q_lens, query_block) + 3, query_block=query_block)
+    h = kv_heads * group
+    # Cache: history written at random, NaN everywhere else (unused pages and the future slots).
+    k_cache = np.full((num_pages, page_size, kv_heads, head_dim), np.nan, np.float32)
+    v_cache = k_cache.copy()
+    k_hist, v_hist = [], []
+    for r, (q, kv) in enumerate(zip(q_lens, kv_lens)):
+        kh = rng.standard_normal((kv, kv_heads, head_dim)).astype(np.float32)
+        vh = rng.standard_normal((kv, kv_heads, head_dim)).astype(np.float32)
+        for pos in range(kv - q):  # cached before this step
+            page = tables[r][pos // page_size]
+            k_cache[page, pos % page_size], v_cache[page, pos % page_size] = kh[pos], vh[pos]
+        k_hist.append(kh), v_hist.append(vh)
+    qs = rng.standard_normal((t, h, head_dim)).astype(np.float32)
+    k_new = np.zeros((t, kv_heads, head_dim), np.float32)
+    v_new = np.zeros_like(k_new)
+    for r, (q, kv) in enumerate(zip(q_lens, kv_lens)):
+        s = md.query_start[r]
+        k_new[s:s + q], v_new[s:s + q] = k_hist[r][kv - q:], v_hist[r][kv - q:]
+    return md, qs, k_cache, v_cache, k_new, v_new, q_lens, kv_lens, k_hist, v_hist, tables
+
+
+@pytest.mark.parametrize("seed,decode_only,window,dtype,group,query_block", [
+    (0, False, None, jnp.float32, 1, 4),
+    (1, True, None, jnp.float32, 4, 1),
+    (2, False, 7, jnp.float32, 3, 8),
+    (3, False, None, jnp.bfloat16, 8, 4),
+])
+def test_matches_dense(seed, decode_only, window, dtype, group, query_block):
+    rng = np.random.default_rng(seed)
+    page_size, kvh, e = 4, 2, 16
+    md, q, kc, vc, kn, vn, q_lens, kv_lens, kh, vh, tables = random_batch(
+        rng, num_requests=6, page_size=page_size, num_pages=128, kv_heads=kvh, group=group,
+        head_dim=e, decode_only=decode_only, query_block=query_block)
+    cast = lambda x: jnp.asarray(x, dtype)
+    f = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=e ** -0.5, sliding_window=window))
+    out, k_out, v_out = f(cast(q), cast(kc), cast(vc), cast(kn), cast(vn))
+    out, k_out = np.asarray(out, np.float32), np.asarray(k_out, np.float32)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    for r, (ql, kv) in enumerate(zip(q_lens, kv_lens)):
+        s = md.query_start[r]
+        want = ref_dense_attention(cast(q[s:s + ql]), cast(kh[r]), cast(vh[r]), np.arange(kv - ql, kv),
+                                   kv, sm_scale=e ** -0.5, sliding_window=window)
+        np.testing.assert_allclose(out[s:s + ql], np.asarray(want), atol=tol, rtol=tol)
+        for pos in range(kv):  # the new K/V landed in their slots
+            page = tables[r][pos // page_size]
+            np.testing.assert_allclose(k_out[page, pos % page_size], np.asarray(cast(kh[r][pos]), np.float32))
+    t_used = sum(q_lens)
+    assert np.all(out[t_used:] == 0), "padding tokens must produce zeros, not NaN"
