@@ -260,5 +260,7 @@ class PageManagerMachine(RuleBasedStateMachine):
         self.pm.verify()
 
 
-PageManagerMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+PageManagerMachine.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=30, deadline=None
+)
 TestPageManagerMachine = PageManagerMachine.TestCase

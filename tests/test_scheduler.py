@@ -250,11 +250,13 @@ def test_tiny_cache_preempts_and_outputs_do_not_change(prefix_caching, chunked):
 
 
 def test_the_newest_is_preempted_to_the_front_and_recomputes_its_outputs():
-    # 5 usable pages of 2 tokens. a and b decode until they need a 6th page between them.
+    # 5 usable pages of 2 tokens. a and b decode until they need a 6th page between them;
+    # d (3 pages) waits behind them all along.
     sched = Scheduler(config(num_pages=6, page_size=2, enable_prefix_caching=False))
     sched.add_request(Request("a", [1, 2, 3], max_tokens=7))
     sched.add_request(Request("b", [4, 5, 6], max_tokens=7))
     sched.add_request(Request("c", [7], max_tokens=1))
+    sched.add_request(Request("d", [8] * 6, max_tokens=1))
     runner, finished = runner_for(sched), {}
     while True:
         out = sched.schedule()
@@ -262,8 +264,9 @@ def test_the_newest_is_preempted_to_the_front_and_recomputes_its_outputs():
             break
         finished.update((r.request_id, r) for r in sched.update(out, runner.execute(out)))
     assert out.preempted == ("b",)  # the newest running one, never a
+    assert [r.request_id for r in sched.waiting] == ["b", "d"]  # b goes to the FRONT
     b = sched.waiting[0]
-    assert b.request_id == "b" and b.status is RequestStatus.PREEMPTED
+    assert b.status is RequestStatus.PREEMPTED
     assert b.page_ids == [] and b.num_computed_tokens == 0 and b.num_output_tokens > 0
     assert [e.request_id for e in out.scheduled] == ["a"]
     sched.update(out, runner.execute(out))
@@ -274,12 +277,35 @@ def test_the_newest_is_preempted_to_the_front_and_recomputes_its_outputs():
     recompute = next(e for o in log for e in o.scheduled if e.request_id == "b")
     assert recompute.start_position == 0 and recompute.samples_token
     assert recompute.token_ids == tuple([4, 5, 6] + reference([4, 5, 6], 7)[: num_known - 3])
-    for rid, prompt, max_tokens in [("a", [1, 2, 3], 7), ("b", [4, 5, 6], 7), ("c", [7], 1)]:
+    for rid, prompt, max_tokens in [("a", [1, 2, 3], 7), ("b", [4, 5, 6], 7), ("c", [7], 1),
+                                    ("d", [8] * 6, 1)]:  # fmt: skip
         assert finished[rid].output_token_ids == reference(prompt, max_tokens)
     assert_all_pages_free(sched)
 
 
-# ---- abort ----------------------------------------------------------------------------------------
+def test_an_older_request_takes_pages_back_from_a_decode_scheduled_earlier_in_the_step():
+    # Only reachable when a step appends several tokens (e.g. speculative decoding): then an older
+    # request has more than one token to compute and is scheduled after the newer decodes.
+    sched = Scheduler(config(num_pages=5, page_size=2, enable_prefix_caching=False))
+    sched.add_request(Request("a", [1, 2, 3], max_tokens=4))  # 3 + 4 - 1 = 6 tokens: 3 pages
+    sched.add_request(Request("b", [4, 5], max_tokens=3))
+    runner = runner_for(sched)  # executes each step; the test picks the tokens
+    out = sched.schedule()  # a: 2 pages, b: 1 page, 1 free
+    runner.execute(out)
+    sched.update(out, {"a": [7, 8], "b": [9]})  # a now has 2 tokens to compute, b 1
+    out = sched.schedule()
+    # b's decode takes the last page first; a (older) then preempts b and b leaves the batch.
+    assert [(e.request_id, e.num_new_tokens) for e in out.scheduled] == [("a", 2)]
+    assert out.preempted == ("b",) and out.num_batched_tokens == 2
+    assert sched.get_request("b").page_ids == []
+    runner.execute(out)
+    sched.update(out, {"a": [1]})
+    finished, _ = run(sched)
+    assert finished["a"].output_token_ids[:3] == [7, 8, 1] and set(finished) == {"a", "b"}
+    assert_all_pages_free(sched)
+
+
+# ---- abort ---------------------------------------------------------------------------------------
 
 
 def step(sched, runner):
@@ -297,12 +323,13 @@ def test_abort_frees_pages_at_once_in_every_state(state):
     request = sched.get_request(target)
 
     def reached():
+        running = request.status is RequestStatus.RUNNING
         return {
             "waiting": request.status is RequestStatus.WAITING,
-            "mid_prefill": request.status is RequestStatus.RUNNING and request.num_tokens_to_compute > 1,
-            "decode": request.status is RequestStatus.RUNNING and request.num_tokens_to_compute == 1,
+            "mid_prefill": running and request.num_tokens_to_compute > 1,
+            "decode": running and request.num_tokens_to_compute == 1,
             "preempted": request.status is RequestStatus.PREEMPTED,
-        }[state]  # fmt: skip
+        }[state]
 
     while not reached():
         step(sched, runner)
@@ -350,10 +377,12 @@ def test_finish_request_and_unknown_ids():
 
 def test_too_long_requests_are_rejected_with_the_numbers_and_leave_nothing():
     sched = Scheduler(config(num_pages=5, page_size=4, max_model_len=64))
-    with pytest.raises(RequestTooLongError, match=r"prompt \(60 tokens\) \+ max_tokens \(5\) = 65.*64"):
+    too_long = r"prompt \(60 tokens\) \+ max_tokens \(5\) = 65 tokens exceeds max_model_len \(64\)"
+    with pytest.raises(RequestTooLongError, match=too_long):
         sched.add_request(Request("a", [1] * 60, max_tokens=5))
     # 10 + 8 - 1 = 17 tokens of KV need 5 pages of 4; only 4 are usable.
-    with pytest.raises(RequestTooLongError, match="needs up to 5 KV pages of 4 tokens.*only 4 usable"):
+    too_big = "needs up to 5 KV pages of 4 tokens, but the cache has only 4 usable pages"
+    with pytest.raises(RequestTooLongError, match=too_big):
         sched.add_request(Request("a", [1] * 10, max_tokens=8))
     assert isinstance(RequestTooLongError("x"), ValueError)
     assert not sched.has_unfinished_requests() and sched.num_waiting == 0
@@ -388,7 +417,7 @@ def test_update_protocol_is_enforced():
         sched.update(out, {"a": [9]})
 
 
-# ---- prefix caching -------------------------------------------------------------------------------
+# ---- prefix caching ------------------------------------------------------------------------------
 
 
 def computed_tokens(log, rid):
@@ -544,5 +573,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert_all_pages_free(self.sched)
 
 
-SchedulerMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=30, deadline=None
+)
 TestSchedulerMachine = SchedulerMachine.TestCase

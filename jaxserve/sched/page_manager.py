@@ -1,13 +1,15 @@
 """KV page manager: free list, reference counts and the prefix cache. Host only, no jax.
 
-The device KV cache is `num_pages` pages of `page_size` token slots each. This module only does the
-bookkeeping: which page ids are in use, by how many requests, and which full pages hold which tokens.
+The device KV cache is `num_pages` pages of `page_size` token slots each. This module only does
+the bookkeeping: which page ids are in use, by how many requests, and which full pages hold which
+tokens.
 
 - Page 0 is reserved and never handed out: the device writes padding tokens there.
-- A page in use has a reference count >= 1 (one per request whose page table lists it). Pages reached
-  through the prefix cache are shared, so one page may be listed by several requests.
-- A FULL page whose KV has been computed can be *registered* under the hash of its tokens chained with
-  the hash of the page before it (`hash_page`), so the hash names the whole prefix, not just 16 tokens.
+- A page in use has a reference count >= 1 (one per request whose page table lists it). Pages
+  reached through the prefix cache are shared, so one page may be listed by several requests.
+- A FULL page whose KV has been computed can be *registered* under the hash of its tokens chained
+  with the hash of the page before it (`hash_page`), so the hash names the whole prefix, not just
+  one page of tokens.
   A later request whose prompt starts with the same pages finds them with `find_cached_prefix` and
   `share`s them instead of recomputing them.
 - A page whose count drops to 0 is free. If it is registered it stays findable in an LRU of cached

@@ -13,6 +13,7 @@ carries them as an opaque `sampling_params` object for the engine and runner.
 """
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from jaxserve.errors import JaxserveError
@@ -35,6 +36,13 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens reached
     ABORT = "abort"  # the client went away or cancelled
     ERROR = "error"  # the engine failed while running it
+
+
+def _token_set(token_ids: int | Iterable[int]) -> frozenset[int]:
+    """One id (as HF configs often give eos_token_id) or many, as a frozenset."""
+    if isinstance(token_ids, int):
+        return frozenset((token_ids,))
+    return frozenset(int(t) for t in token_ids)
 
 
 @dataclass(eq=False)  # identity equality: two requests are never "the same" by value
@@ -67,8 +75,8 @@ class Request:
     def __post_init__(self):
         # Copy, so a caller reusing its list cannot change what we hash and compute.
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
-        self.eos_token_ids = frozenset(int(t) for t in self.eos_token_ids)
-        self.stop_token_ids = frozenset(int(t) for t in self.stop_token_ids)
+        self.eos_token_ids = _token_set(self.eos_token_ids)
+        self.stop_token_ids = _token_set(self.stop_token_ids)
         if not self.prompt_token_ids:
             raise InvalidRequestError(f"request {self.request_id!r}: the prompt is empty")
         if self.max_tokens < 1:

@@ -10,8 +10,8 @@ One engine step reads:
 in three passes, so decode and prefill tokens of many requests share one ragged batch:
   1. decodes of running requests (one token each), oldest first;
   2. prefill continuations of running requests, oldest first, chunked to the budget left;
-  3. admissions from the waiting queue in FCFS order; a prefix-cache hit skips the shared full pages,
-     and the last admitted prompt is chunked to the budget left. No admissions in a step that
+  3. admissions from the waiting queue in FCFS order; a prefix-cache hit skips the shared full
+     pages, and the last admitted prompt is chunked to the budget left. No admissions in a step that
      preempted: the pages just taken back are for the requests already running.
 When a running request needs pages and none are free, the NEWEST running request is preempted by
 recompute: its pages are freed and it waits at the front of the queue to recompute prompt + outputs
@@ -62,8 +62,9 @@ class SchedulerConfig:
         minimums = {"num_pages": 2, "page_size": 1, "max_num_seqs": 1,
                     "max_num_batched_tokens": 1, "max_model_len": 1}  # fmt: skip
         for name, minimum in minimums.items():
-            if getattr(self, name) < minimum:
-                raise SchedulerConfigError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value < minimum:
+                raise SchedulerConfigError(f"{name} must be >= {minimum}, got {value}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             # A recompute prefill covers up to max_model_len - 1 tokens and must fit one step.
             raise SchedulerConfigError(
@@ -99,7 +100,8 @@ class ScheduledRequest:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    scheduled: tuple[ScheduledRequest, ...]  # batch order: decodes, prefill continuations, admissions
+    # Batch order: decodes, then prefill continuations, then admissions.
+    scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[str, ...]  # ids preempted this step (they hold no pages and are not scheduled)
     num_batched_tokens: int  # sum of num_new_tokens, <= max_num_batched_tokens
 
@@ -129,7 +131,12 @@ class _Step:
         self.budget -= num_new_tokens
 
     def drop(self, request: Request) -> None:
-        """Take a request preempted later in this step back out of the batch."""
+        """Take a request preempted later in this step back out of the batch.
+
+        Under FCFS with one token per step only the newest running request can be mid-prefill, so
+        this happens only when a step appended several tokens (an older request then continues
+        in pass 2 and may preempt a newer decode scheduled in pass 1) or under other policies.
+        """
         entry = self.entries.pop(request.request_id, None)
         if entry is not None:
             self.budget += entry.num_new_tokens
@@ -245,7 +252,7 @@ class Scheduler:
         return self._pending
 
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
-        """Apply a finished device step: advance computed tokens, append sampled tokens, stop checks.
+        """Apply a finished device step: advance computed tokens, append sampled ones, check stops.
 
         `sampled` maps each id whose entry has samples_token to its new token(s); other ids are
         ignored. Requests finished or aborted since schedule() are skipped (their pages are gone).
