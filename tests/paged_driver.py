@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.kernels import build_metadata, num_query_blocks
+from jaxserve.kernels import build_metadata, num_query_blocks, write_kv
 from jaxserve.models import llama
 
 
@@ -19,7 +19,8 @@ class PagedDriver:
         self.free = list(np.random.default_rng(seed).permutation(np.arange(1, num_pages)))
         self.pages: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
-        self.fwd = jax.jit(llama.forward, static_argnames=("config",), donate_argnums=(1,))
+        self.fwd = jax.jit(llama.forward, static_argnames=("config",))
+        self.write = jax.jit(write_kv, donate_argnums=(0,))
 
     def step(self, chunks: dict[int, list[int]], *, query_block=4, num_tokens=None):
         """chunks: request id -> new token ids. Returns request id -> logits [len, V] (numpy)."""
@@ -41,8 +42,9 @@ class PagedDriver:
                             num_blocks=num_query_blocks(qlens, query_block) + 1, query_block=query_block)
         ids = np.zeros(t, np.int32)
         ids[: sum(qlens)] = np.concatenate([chunks[r] for r in rids])
-        logits, self.kv = self.fwd(self.params, self.kv, jnp.asarray(ids), md,
-                                   jnp.arange(sum(qlens)), config=self.config)
+        logits, new_kv = self.fwd(self.params, self.kv, jnp.asarray(ids), md,
+                                  jnp.arange(sum(qlens)), config=self.config)
+        self.kv = self.write(self.kv, new_kv, md.slot_mapping)
         logits = np.asarray(logits)
         out, start = {}, 0
         for r, q in zip(rids, qlens):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.kernels import build_metadata, num_query_blocks, ragged_paged_attention
+from jaxserve.kernels import build_metadata, num_query_blocks, ragged_paged_attention, write_kv
 from jaxserve.kernels.ragged_paged_attention import ref_dense_attention
 
 
@@ -64,8 +64,10 @@ def test_matches_dense(seed, decode_only, window, dtype, group, query_block):
         head_dim=e, decode_only=decode_only, query_block=query_block)
     cast = lambda x: jnp.asarray(x, dtype)
     f = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=e ** -0.5, sliding_window=window))
-    out, k_out, v_out = f(cast(q), cast(kc), cast(vc), cast(kn), cast(vn))
-    out, k_out = np.asarray(out, np.float32), np.asarray(k_out, np.float32)
+    out = np.asarray(f(cast(q), cast(kc), cast(vc), cast(kn), cast(vn)), np.float32)
+    write = jax.jit(write_kv, donate_argnums=0)
+    ((k_out, v_out),) = write(((cast(kc), cast(vc)),), ((cast(kn), cast(vn)),), md.slot_mapping)
+    k_out, v_out = np.asarray(k_out, np.float32), np.asarray(v_out, np.float32)
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
     for r, (ql, kv) in enumerate(zip(q_lens, kv_lens)):
         s = md.query_start[r]
@@ -75,5 +77,6 @@ def test_matches_dense(seed, decode_only, window, dtype, group, query_block):
         for pos in range(kv):  # the new K/V landed in their slots
             page = tables[r][pos // page_size]
             np.testing.assert_allclose(k_out[page, pos % page_size], np.asarray(cast(kh[r][pos]), np.float32))
+            np.testing.assert_allclose(v_out[page, pos % page_size], np.asarray(cast(vh[r][pos]), np.float32))
     t_used = sum(q_lens)
     assert np.all(out[t_used:] == 0), "padding tokens must produce zeros, not NaN"

@@ -16,7 +16,9 @@ IMPLS = ("reference",)
 def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetadata, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, impl: str | None = None):
-    """q [T, H, E], caches [P, S, K, E], new K/V [T, K, E] -> (out [T, H, E], k_cache, v_cache)."""
+    """q [T, H, E], caches [P, S, K, E] (read only), new K/V [T, K, E] -> out [T, H, E].
+    The new K/V are written afterwards by `write_kv`, in a program of its own (see the
+    reference's module docstring for why)."""
     if impl not in (None, *IMPLS):
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
     return ref_ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,

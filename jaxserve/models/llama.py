@@ -4,13 +4,17 @@ A forward pass is `embed`, then `layers` over any contiguous group of layers (th
 advance a prefill a few layers at a time), then `head` on the rows that need logits:
 
     hidden = embed(params, token_ids)                                     # [T, D]
-    hidden, kv = layers(params, kv, hidden, md, config=c, first_layer=0, num_layers=c.num_layers)
+    hidden, new_kv = layers(params, kv, hidden, md, config=c, first_layer=0, num_layers=c.num_layers)
     logits = head(params, hidden, logits_indices, config=c)               # [B, V] float32
+    kv = kernels.write_kv(kv, new_kv, md.slot_mapping)   # a program of its own, kv donated
 
 `kv` is a tuple with one `(k_cache, v_cache)` pair per layer, each `[P, S, K, E]`: separate
-buffers per layer let XLA update each in place when the caller donates them (one stacked
-`[L, ...]` array was copied whole at every layer on CPU). Variants differ only by config flags:
-q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3), sliding window (Mistral), rope scaling.
+buffers per layer let XLA update each in place (one stacked `[L, ...]` array was copied whole
+at every layer on CPU). The layers only read the cache; they return this step's K/V
+(`new_kv`, per layer `[T, K, E]` each), which the caller writes into the cache in a separate
+program (see kernels/ragged_paged_attention.py for the measurement behind the split).
+Variants differ only by config flags: q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3),
+sliding window (Mistral), rope scaling.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from jaxserve.config import ModelConfig, rope_inv_freq
 from jaxserve.kernels import AttentionMetadata
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [P, S, K, E]
+NewKV = tuple[tuple[jax.Array, jax.Array], ...]  # per layer run (k, v), each [T, K, E]
 
 
 def rms_norm(x, w, eps):
@@ -54,7 +59,7 @@ def embed(params, token_ids):
 
 
 def attention_block(p, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, c: ModelConfig):
-    """x [T, D] (already normed) -> (attention output [T, D], k_cache, v_cache)."""
+    """x [T, D] (already normed) -> (attention output [T, D], k_new [T, K, E], v_new [T, K, E])."""
     t, d = x.shape
     k, g, e = c.num_kv_heads, c.group_size, c.head_dim
     qkv = jnp.dot(x, p["wqkv"].reshape(d, -1)).reshape(t, k, g + 2, e)  # [T, K, G+2, E]
@@ -66,12 +71,12 @@ def attention_block(p, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, c: 
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k_new = rms_norm(k_new, p["k_norm"], c.rms_norm_eps)
     q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
-    out, k_cache, v_cache = kernels.ragged_paged_attention(
+    out = kernels.ragged_paged_attention(
         q, k_cache, v_cache, k_new, v_new, md, sm_scale=e ** -0.5, sliding_window=c.sliding_window)
     out = jnp.dot(out.reshape(t, -1), p["wo"].reshape(-1, d))  # [T, D]
     if c.o_bias:
         out = out + p["bo"]
-    return out, k_cache, v_cache
+    return out, k_new, v_new
 
 
 def mlp_block(p, x):
@@ -82,19 +87,20 @@ def mlp_block(p, x):
 
 
 def layers(params, kv: KVCache, hidden, md: AttentionMetadata, *, config: ModelConfig,
-           first_layer: int, num_layers: int):
-    """Run layers [first_layer, first_layer + num_layers): hidden [T, D] -> (hidden, kv)."""
+           first_layer: int, num_layers: int) -> tuple[jax.Array, NewKV]:
+    """Run layers [first_layer, first_layer + num_layers): hidden [T, D] -> (hidden, new_kv)
+    where new_kv holds those layers' K/V of this step's tokens, to be written by write_kv."""
     c = config
     cos, sin = rope(md.positions, c)
-    kv = list(kv)
+    new_kv = []
     for i in range(first_layer, first_layer + num_layers):
         p = params["layers"][i]
-        attn, k_cache, v_cache = attention_block(
+        attn, k_new, v_new = attention_block(
             p, rms_norm(hidden, p["attn_norm"], c.rms_norm_eps), *kv[i], md, cos, sin, c)
-        kv[i] = (k_cache, v_cache)
+        new_kv.append((k_new, v_new))
         hidden = hidden + attn
         hidden = hidden + mlp_block(p, rms_norm(hidden, p["mlp_norm"], c.rms_norm_eps))
-    return hidden, tuple(kv)
+    return hidden, tuple(new_kv)
 
 
 def head(params, hidden, logits_indices, *, config: ModelConfig):
@@ -106,11 +112,11 @@ def head(params, hidden, logits_indices, *, config: ModelConfig):
 
 
 def forward(params, kv: KVCache, token_ids, md: AttentionMetadata, logits_indices, *,
-            config: ModelConfig):
-    """The full model: (logits [B, V] float32, kv)."""
-    hidden, kv = layers(params, kv, embed(params, token_ids), md, config=config, first_layer=0,
-                        num_layers=config.num_layers)
-    return head(params, hidden, logits_indices, config=config), kv
+            config: ModelConfig) -> tuple[jax.Array, NewKV]:
+    """All layers: (logits [B, V] float32, new_kv). The cache itself is only read."""
+    hidden, new_kv = layers(params, kv, embed(params, token_ids), md, config=config,
+                            first_layer=0, num_layers=config.num_layers)
+    return head(params, hidden, logits_indices, config=config), new_kv
 
 
 def init_kv_cache(c: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
