@@ -1,6 +1,8 @@
 """The jnp ragged paged attention against naive dense attention, on random ragged batches with
 shuffled pages and NaN in every unused page slot."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,9 @@ import pytest
 
 from jaxserve.kernels import build_metadata, num_query_blocks, ragged_paged_attention, write_kv
 from jaxserve.kernels.ragged_paged_attention import ref_dense_attention
+
+# the package re-exports a function of the module's name, so fetch the module itself
+rpa = importlib.import_module("jaxserve.kernels.ragged_paged_attention")
 
 
 def random_batch(rng, *, num_requests, page_size, num_pages, kv_heads, group, head_dim,
@@ -50,13 +55,14 @@ def random_batch(rng, *, num_requests, page_size, num_pages, kv_heads, group, he
     return md, qs, k_cache, v_cache, k_new, v_new, q_lens, kv_lens, k_hist, v_hist, tables
 
 
-@pytest.mark.parametrize("seed,decode_only,window,dtype,group,query_block", [
-    (0, False, None, jnp.float32, 1, 4),
-    (1, True, None, jnp.float32, 4, 1),
-    (2, False, 7, jnp.float32, 3, 8),
-    (3, False, None, jnp.bfloat16, 8, 4),
+@pytest.mark.parametrize("seed,decode_only,window,dtype,group,query_block,chunk", [
+    (0, False, None, jnp.float32, 1, 4, 256),
+    (1, True, None, jnp.float32, 4, 1, 8),  # several online-softmax chunks
+    (2, False, 7, jnp.float32, 3, 8, 12),  # chunks, window and blocks not aligned to pages
+    (3, False, None, jnp.bfloat16, 8, 4, 256),
 ])
-def test_matches_dense(seed, decode_only, window, dtype, group, query_block):
+def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chunk, monkeypatch):
+    monkeypatch.setattr(rpa, "CHUNK_TOKENS", chunk)
     rng = np.random.default_rng(seed)
     page_size, kvh, e = 4, 2, 16
     md, q, kc, vc, kn, vn, q_lens, kv_lens, kh, vh, tables = random_batch(

@@ -12,8 +12,8 @@ of the whole buffer inserted (measured: a 1-token step over 4000 pages of 16 slo
 separate programs), so fusing the two would make every step O(cache size).
 
 How it stays fast on CPU: queries are grouped into blocks of one request (see metadata.py),
-so each block gathers its request's pages once, `[N, P*S, K, E]`, and does two batched
-matmuls.
+so each block gathers its request's pages a chunk at a time, `[N, C, K, E]`, and does two
+batched matmuls per chunk; the loop runs only over the chunks the longest request needs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.kernels.metadata import AttentionMetadata
+
+
+CHUNK_TOKENS = 256  # cache positions per step of the online-softmax loop
 
 
 def write_kv(kv, new_kv, slot_mapping):
@@ -53,41 +56,58 @@ def ref_ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionM
     qs = q[tok].reshape(n, qb, kh, g, e)  # [N, Qb, K, G, E]
     q_pos = md.positions[tok]  # [N, Qb]
 
-    # Each block sees its request's C = P * S cache positions. Positions cached before this step
-    # are read from the *incoming* cache; this step's own tokens straight from k_new / v_new.
+    # Keys in chunks of `chunk_pages` pages, online softmax across chunks, as many chunks as the
+    # longest request in the batch needs (a loop with a data-dependent trip count): the page-table
+    # width P is then no bucket dimension, and a step costs what its context needs, not P * S.
+    # Positions cached before this step come from the *incoming* cache; this step's own tokens
+    # straight from k_new / v_new.
     req = md.block_request  # [N]
-    pages = md.page_table[req]  # [N, P]
-    c = pages.shape[1] * s
     kv_len = md.kv_lens[req]  # [N]
     q_len = md.query_start[req + 1] - md.query_start[req]  # [N]
     cached = kv_len - q_len  # [N] positions already in the cache
-    kv_pos = jnp.arange(c, dtype=jnp.int32)
-    kv_valid = kv_pos[None, :] < kv_len[:, None]  # [N, C]
-    is_new = kv_pos[None, :] >= cached[:, None]  # [N, C]
-    new_tok = jnp.clip(md.query_start[req][:, None] + kv_pos[None, :] - cached[:, None], 0, t - 1)
-    use_cache = (kv_valid & ~is_new)[:, :, None, None]
-    use_new = (kv_valid & is_new)[:, :, None, None]
+    cp = max(1, min(CHUNK_TOKENS // s, md.page_table.shape[1]))  # pages per chunk
+    num_chunks = -(-md.page_table.shape[1] // cp)
+    table = jnp.pad(md.page_table, ((0, 0), (0, num_chunks * cp - md.page_table.shape[1])))[req]
 
-    def keys_or_values(cache, new):  # [N, C, K, E]; zero where invalid (unwritten slots may be NaN)
-        old = cache[pages].reshape(n, c, kh, e)
-        return jnp.where(use_cache, old, jnp.where(use_new, new[new_tok].astype(old.dtype), 0))
+    def chunk(i, carry):
+        m, l, acc = carry  # [N, K, G, Qb] running max and sum; [N, K, G, Qb, E] weighted values
+        pages = jax.lax.dynamic_slice_in_dim(table, i * cp, cp, axis=1)  # [N, cp]
+        kv_pos = i * cp * s + jnp.arange(cp * s, dtype=jnp.int32)  # [C]
+        kv_valid = kv_pos[None, :] < kv_len[:, None]  # [N, C]
+        is_new = kv_pos[None, :] >= cached[:, None]
+        new_tok = jnp.clip(md.query_start[req][:, None] + kv_pos[None, :] - cached[:, None], 0, t - 1)
+        use_cache = (kv_valid & ~is_new)[:, :, None, None]
+        use_new = (kv_valid & is_new)[:, :, None, None]
 
-    ks, vs = keys_or_values(k_cache, k_new), keys_or_values(v_cache, v_new)
+        def keys_or_values(cache, new):  # [N, C, K, E]; zero where invalid (may be NaN there)
+            old = cache[pages].reshape(n, cp * s, kh, e)
+            return jnp.where(use_cache, old, jnp.where(use_new, new[new_tok].astype(old.dtype), 0))
 
-    scores = jnp.einsum("NQKGE,NCKE->NKGQC", qs, ks,
-                        preferred_element_type=jnp.float32) * sm_scale  # [N, K, G, Qb, C]
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    mask = kv_valid[:, None, :] & (kv_pos[None, None, :] <= q_pos[:, :, None])  # [N, Qb, C]
-    if sliding_window is not None:
-        mask &= kv_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    mx = jnp.max(scores, axis=-1, keepdims=True)
-    probs = jnp.exp(scores - jnp.where(jnp.isfinite(mx), mx, 0))
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = probs / jnp.where(denom == 0, 1, denom)  # padding rows: all zero
-    out = jnp.einsum("NKGQC,NCKE->NQKGE", probs.astype(vs.dtype), vs,
-                     preferred_element_type=jnp.float32)  # [N, Qb, K, G, E]
+        ks, vs = keys_or_values(k_cache, k_new), keys_or_values(v_cache, v_new)
+        scores = jnp.einsum("NQKGE,NCKE->NKGQC", qs, ks,
+                            preferred_element_type=jnp.float32) * sm_scale  # [N, K, G, Qb, C]
+        if soft_cap is not None:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        mask = kv_valid[:, None, :] & (kv_pos[None, None, :] <= q_pos[:, :, None])  # [N, Qb, C]
+        if sliding_window is not None:
+            mask &= kv_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0)  # rows with nothing to attend to yet
+        probs = jnp.exp(scores - m_safe[..., None])
+        scale = jnp.exp(m - m_safe)
+        l = l * scale + jnp.sum(probs, axis=-1)
+        acc = acc * scale[..., None] + jnp.einsum("NKGQC,NCKE->NKGQE", probs.astype(vs.dtype), vs,
+                                                  preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    shape = (n, kh, g, qb)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (e,), jnp.float32))
+    needed = (jnp.max(kv_len) + cp * s - 1) // (cp * s)
+    _, l, acc = jax.lax.fori_loop(0, jnp.minimum(needed, num_chunks), chunk, init)
+    out = acc / jnp.where(l == 0, 1, l)[..., None]  # padding rows: all zero
+    out = out.transpose(0, 3, 1, 2, 4)  # [N, Qb, K, G, E]
 
     # Back to the flat token axis; padding rows of blocks scatter to a dropped index.
     dest = jnp.where(q_valid, tok, t).reshape(-1)
