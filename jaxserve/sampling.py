@@ -16,10 +16,9 @@ No full sort of the vocabulary (a [64, 49152] sort costs ~1 s on CPU):
   - ties at a top_k / top_p cutoff are all kept (thresholds, not sort positions).
   - top_p by rejection (after FlashInfer's "Sorting-Free GPU Kernels for LLM Sampling",
     flashinfer.ai blog, 2025): draw a token from the distribution restricted to logits above a
-    pivot (one pass over [B, V] per round); it is in the
-    nucleus iff the mass of strictly larger tokens is < top_p; if not, it and everything below it
-    is out, so it becomes the pivot and we draw again. Accepted draws follow the renormalized
-    nucleus distribution exactly; a few rounds suffice.
+    pivot; it is in the nucleus iff the mass of strictly larger tokens is < top_p; if not, it and
+    everything below it is out, so it becomes the pivot and we draw again. Accepted draws follow
+    the renormalized nucleus distribution exactly; one pass over [B, V] per round, ~2-3 rounds.
 Randomness: a request's key is fold_in(PRNGKey(seed), output_position) (round r of top_p rejection
 folds in r too), so a seeded request samples the same tokens in any batch slot or batch.
 Logprobs are those of the raw model distribution (log_softmax of the logits before any processing),

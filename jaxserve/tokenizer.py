@@ -510,7 +510,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], *,
                  skip_special_tokens: bool = True, stop: str | Sequence[str] = (),
-                 include_stop_str_in_output: bool = False):
+                 include_stop_str_in_output: bool = False, min_tokens: int = 0):
         stop = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
@@ -518,6 +518,8 @@ class IncrementalDetokenizer:
         self._skip_special = skip_special_tokens
         self._stop = stop
         self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens  # as vLLM: no stop-string check until more tokens than this
+        self._num_tokens = 0
         context = [int(i) for i in prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:]]
         if self._decode(context).endswith("\ufffd"):
             context = []  # the prompt ends inside a character: decode the output on its own
@@ -532,7 +534,9 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """The output text so far (truncated at a stop string), including held-back text."""
-        return "".join(self._emitted) + self._pending
+        if len(self._emitted) > 1:
+            self._emitted[:] = ["".join(self._emitted)]
+        return (self._emitted[0] if self._emitted else "") + self._pending
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
@@ -541,7 +545,9 @@ class IncrementalDetokenizer:
         """Append the request's newly sampled tokens; return the text they complete."""
         if self.stopped:
             return ""
+        start = len(self._window)
         self._window.extend(int(i) for i in new_token_ids)
+        self._num_tokens += len(self._window) - start
         return self._advance(final=False)
 
     def flush(self) -> str:
@@ -575,7 +581,7 @@ class IncrementalDetokenizer:
     def _release(self, final: bool) -> str:
         # Earliest stop string in the pending text (it cannot hold one that started before it).
         best = None
-        for s in self._stop:
+        for s in self._stop if self._num_tokens > self._min_tokens else ():
             at = self._pending.find(s)
             if at >= 0 and (best is None or at < best[0]):
                 best = (at, s)

@@ -338,6 +338,10 @@ def test_stop_strings(tiny):
     deltas, detok = run(["a😀", "😀b"], ["😀😀"])
     assert "".join(deltas) == "a" and detok.stopped
     assert detok.add(tiny.encode("more")) == "" and detok.flush() == ""
+    # min_tokens: stop strings completed within the first min_tokens tokens do not count.
+    detok = IncrementalDetokenizer(tiny, [], stop=["ab"], min_tokens=3)
+    assert [detok.add(tiny.encode(c)) for c in "abab"] == ["", "ab", "", ""]
+    assert detok.stopped and detok.text == "ab"
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
