@@ -171,3 +171,31 @@ def rope_inv_freq(config: ModelConfig):
     smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
     mid = (1 - smooth) * inv / rs.factor + smooth * inv
     return np.where(wavelen > low_wavelen, inv / rs.factor, np.where(wavelen < high_wavelen, inv, mid))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine options, with vLLM's names where vLLM has the option."""
+
+    model: str | None = None  # HF folder or .gguf file; None = the default model (SmolLM2-135M-Instruct)
+    dtype: str = "float32"  # "float32" | "bfloat16": weights, activations and KV cache
+    max_model_len: int | None = None  # prompt + output tokens; None = min(model's limit, 2048)
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # tokens computed per step (decode and prefill together)
+    page_size: int = 16  # KV slots per page
+    num_kv_pages: int | None = None  # KV cache size in pages (page 0 reserved); or by bytes:
+    kv_cache_memory: int = 1 << 30  # bytes of K and V across layers, used when num_kv_pages is None
+    enable_prefix_caching: bool = True
+    decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # padded batch sizes of decode steps
+    seed: int = 0  # seeds the draws of unseeded requests
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.num_kv_pages is not None and self.num_kv_pages < 2:
+            raise ValueError(f"num_kv_pages must be >= 2 (page 0 is reserved), got {self.num_kv_pages}")
