@@ -187,6 +187,7 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30  # bytes of K and V across layers, used when num_kv_pages is None
     enable_prefix_caching: bool = True
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # padded batch sizes of decode steps
+    layers_per_program: int = 10  # layers per compiled program (the nearest divisor of L is used)
     seed: int = 0  # seeds the draws of unseeded requests
 
     def __post_init__(self):

@@ -358,7 +358,8 @@ def _sample_random(z: jax.Array, block_max: jax.Array, greedy: jax.Array,
     return tokens
 
 
-def _logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int):
+def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int):
+    """(chosen log-prob [B], top ids [B, k], top log-probs [B, k], ranks [B]) of raw logits."""
     log_norm = jax.nn.logsumexp(logits, axis=-1)  # [B]
     chosen = jnp.take_along_axis(logits, token_ids[:, None], 1)[:, 0]  # [B]
     if num_logprobs == 0:
@@ -378,4 +379,4 @@ def sample(logits: jax.Array, t: SamplingTensors, *, all_greedy: bool, needs_pen
     token_ids = _argmax(z, block_max)
     if not all_greedy:
         token_ids = jnp.where(t.is_greedy, token_ids, _sample_random(z, block_max, token_ids, t))
-    return SamplerOutput(token_ids, *_logprobs(logits, token_ids, num_logprobs))
+    return SamplerOutput(token_ids, *token_logprobs(logits, token_ids, num_logprobs))

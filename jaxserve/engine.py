@@ -1,0 +1,279 @@
+"""Engine: requests in, `RequestOutput`s out, one `step()` at a time.
+
+    engine.add_request("a", "Hello", SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...
+
+`step()` is schedule (host, `sched/`), execute (device, `runner.py`), postprocess (here: append
+tokens, log-probs, incremental detokenization and stop strings, finished requests' pages freed).
+A request with `n > 1` runs as n sequences ("0_id", "1_id", ...) that share the prompt's pages
+through the prefix cache; its `RequestOutput` gathers their `CompletionOutput`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.errors import JaxserveError
+from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxserve.runner import ModelRunner, StepResult, pages_for_bytes
+from jaxserve.sampling import SamplingParams
+from jaxserve.sched import FinishReason, Request, Scheduler, SchedulerConfig
+from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("jaxserve")
+
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+class InvalidPromptError(JaxserveError, ValueError):
+    """The prompt is empty, too long, or holds token ids outside the vocabulary."""
+
+
+@dataclasses.dataclass
+class _Sequence:  # one of a request's n completions
+    seq_id: str
+    index: int
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    logprobs: list | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(self.index, self.text, list(self.token_ids),
+                                self.cumulative_logprob if self.params.logprobs is not None else None,
+                                self.logprobs, self.finish_reason, self.stop_reason)
+
+
+@dataclasses.dataclass
+class _Group:  # one user request
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[_Sequence]
+    metrics: RequestMetrics
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None,
+                             [s.output() for s in self.seqs], self.finished, self.metrics)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True, **kwargs):
+        """Load the model named by `config.model` (default model when None) and compile."""
+        from jaxserve.models.loader import load_checkpoint
+
+        config = dataclasses.replace(config or EngineConfig(), **kwargs)
+        if config.model is None:
+            from jaxserve.models.fetch import default_model_path
+
+            path = default_model_path()
+        else:
+            path = config.model
+        ckpt = load_checkpoint(path, dtype=jnp.dtype(config.dtype))
+        if ckpt.gguf_metadata is not None:
+            tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata)
+        else:
+            tokenizer = Tokenizer.from_dir(ckpt.source)
+        self._setup(config, ckpt.config, ckpt.params, tokenizer, progress)
+
+    @classmethod
+    def from_components(cls, config: EngineConfig, model_config: ModelConfig, params,
+                        tokenizer: Tokenizer, *, progress: bool = False) -> Engine:
+        """An engine over already-loaded parts (tests, notebooks experimenting with weights)."""
+        self = cls.__new__(cls)
+        self._setup(config, model_config, params, tokenizer, progress)
+        return self
+
+    def _setup(self, config, model_config, params, tokenizer, progress):
+        self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
+        self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN,
+                                 model_config.max_position_embeddings)
+        num_pages = config.num_kv_pages or pages_for_bytes(model_config, config.page_size,
+                                                           config.dtype, config.kv_cache_memory)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching))
+        self.runner = ModelRunner(model_config, params, dataclasses.replace(
+            config, max_model_len=self.max_model_len), num_pages)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
+        self._groups: dict[str, _Group] = {}
+        self._seqs: dict[str, tuple[_Group, _Sequence]] = {}
+        self._params_of: dict[str, SamplingParams] = {}
+        t0 = time.perf_counter()
+        self.runner.warmup(progress=progress)
+        self.warmup_seconds = time.perf_counter() - t0
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int],
+                    params: SamplingParams | None = None, *, arrival_time: float | None = None):
+        """Queue a request. Raises a ValueError subclass, leaving nothing behind, if it can never run."""
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True) if text is not None else [
+            int(t) for t in prompt]
+        if not ids:
+            raise InvalidPromptError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidPromptError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                     f"[0, {self.model_config.vocab_size})")
+        max_tokens = params.max_tokens if params.max_tokens is not None else \
+            max(1, self.max_model_len - len(ids))
+        if len(ids) + max_tokens > self.max_model_len:
+            raise InvalidPromptError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the maximum "
+                f"context length of {self.max_model_len} tokens")
+        group = _Group(request_id, text, ids, [], RequestMetrics(arrival_time or time.time()))
+        ids_of = [request_id] if params.n == 1 else [f"{k}_{request_id}" for k in range(params.n)]
+        added = []
+        try:
+            for k, seq_id in enumerate(ids_of):
+                p = params if params.n == 1 or params.seed is None else dataclasses.replace(
+                    params, seed=params.seed + k)  # n seeded samples that differ from each other
+                self.scheduler.add_request(Request(
+                    seq_id, ids, max_tokens, eos_token_ids=self.eos_token_ids,
+                    stop_token_ids=frozenset(params.stop_token_ids or ()),
+                    min_tokens=params.min_tokens, ignore_eos=params.ignore_eos, sampling_params=p))
+                added.append(seq_id)
+                seq = _Sequence(seq_id, k, p, IncrementalDetokenizer(
+                    self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop or (), include_stop_str_in_output=params.include_stop_str_in_output,
+                    min_tokens=params.min_tokens),
+                    logprobs=[] if params.logprobs is not None else None)
+                group.seqs.append(seq)
+        except ValueError:
+            for seq_id in added:
+                self.scheduler.abort(seq_id)
+            raise
+        self._groups[request_id] = group
+        for seq in group.seqs:
+            self._seqs[seq.seq_id] = (group, seq)
+            self._params_of[seq.seq_id] = seq.params
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its pages. False if it is unknown or already finished."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return False
+        for seq in group.seqs:
+            self.scheduler.abort(seq.seq_id)
+            self._forget(seq.seq_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the requests that produced tokens or finished."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        try:
+            result = self.runner.execute(scheduled, self._params_of)
+        except Exception:  # a failed device step finishes its requests with "error", never hangs them
+            log.exception("engine step failed; finishing its requests with finish_reason 'error'")
+            for s in scheduled.scheduled:
+                self.scheduler.finish_request(s.request_id, FinishReason.ERROR)
+            self.scheduler.update(scheduled, {})
+            return self._collect({s.request_id: "error" for s in scheduled.scheduled})
+        return self._postprocess(scheduled, result)
+
+    def _postprocess(self, scheduled, result: StepResult) -> list[RequestOutput]:
+        now = time.time()
+        for s in scheduled.scheduled:
+            group, _ = self._seqs[s.request_id]
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = now
+        sampled = {rid: [int(t)] for rid, t in zip(result.request_ids, result.token_ids)}
+        finished = {r.request_id: r for r in self.scheduler.update(scheduled, sampled)}
+        reasons: dict[str, str] = {}
+        for i, seq_id in enumerate(result.request_ids):
+            group, seq = self._seqs[seq_id]
+            token = int(result.token_ids[i])
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += float(result.logprobs[i])
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._position_logprobs(seq.params.logprobs, token, result, i))
+            group.metrics.first_token_time = group.metrics.first_token_time or now
+            group.metrics.last_token_time = now
+            seq.text += seq.detok.add([token])
+            if seq.detok.stopped and seq_id not in finished:  # a stop string
+                self.scheduler.finish_request(seq_id, FinishReason.STOP)
+                reasons[seq_id] = "stop"
+                seq.stop_reason = seq.detok.stop_reason
+            elif seq_id in finished:
+                req = finished[seq_id]
+                reasons[seq_id] = req.finish_reason.value
+                if token in req.stop_token_ids and req.finish_reason == FinishReason.STOP:
+                    seq.stop_reason = token
+        return self._collect(reasons, touched={self._seqs[r][0].request_id for r in result.request_ids})
+
+    def _position_logprobs(self, k: int, token: int, r: StepResult, i: int) -> dict[int, Logprob]:
+        decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+        out = {}
+        if k and r.top_logprob_ids is not None:
+            for rank, (tid, lp) in enumerate(zip(r.top_logprob_ids[i][:k], r.top_logprobs[i][:k]), 1):
+                out[int(tid)] = Logprob(float(lp), rank, decode(int(tid)))
+        if token not in out:
+            rank = int(r.ranks[i]) if r.ranks is not None else None
+            out[token] = Logprob(float(r.logprobs[i]), rank, decode(token))
+        return out
+
+    def _collect(self, reasons: dict[str, str], touched: set[str] = frozenset()) -> list[RequestOutput]:
+        """Mark finished sequences, and build the outputs of every group that changed."""
+        now = time.time()
+        groups = set(touched)
+        for seq_id, reason in reasons.items():
+            group, seq = self._seqs[seq_id]
+            if reason != "stop" or seq.stop_reason is None or isinstance(seq.stop_reason, int):
+                seq.text += seq.detok.flush()  # release text held back for a possible stop string
+            seq.finish_reason = reason
+            groups.add(group.request_id)
+        outputs = []
+        for rid in groups:
+            group = self._groups.get(rid)
+            if group is None:
+                continue
+            if group.finished:
+                group.metrics.finished_time = now
+                del self._groups[rid]
+                for seq in group.seqs:
+                    self._forget(seq.seq_id)
+            outputs.append(group.output())
+        return outputs
+
+    def _forget(self, seq_id: str):
+        self._seqs.pop(seq_id, None)
+        self._params_of.pop(seq_id, None)
+
+    def __repr__(self) -> str:
+        c = self.model_config
+        return (f"Engine({c.architecture}, {c.num_layers} layers, dtype={self.config.dtype}, "
+                f"max_model_len={self.max_model_len}, kv_pages={self.runner.num_pages}x"
+                f"{self.config.page_size}, running={self.scheduler.num_running}, "
+                f"waiting={self.scheduler.num_waiting})")
