@@ -32,6 +32,19 @@ log = logging.getLogger("jaxserve")
 DEFAULT_MAX_MODEL_LEN = 2048
 
 
+def enable_compilation_cache():
+    """Keep compiled programs on disk (~/.cache/jaxserve/xla, or $JAXSERVE_XLA_CACHE; set it
+    empty to disable), so that a second start skips most of the warmup's compile time."""
+    import os
+
+    import jax
+
+    path = os.environ.get("JAXSERVE_XLA_CACHE", os.path.expanduser("~/.cache/jaxserve/xla"))
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 class InvalidPromptError(JaxserveError, ValueError):
     """The prompt is empty, too long, or holds token ids outside the vocabulary."""
 
@@ -100,6 +113,7 @@ class Engine:
         return self
 
     def _setup(self, config, model_config, params, tokenizer, progress):
+        enable_compilation_cache()
         self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
         self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                  model_config.max_position_embeddings)

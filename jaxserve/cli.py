@@ -1,0 +1,127 @@
+"""`jaxserve generate | chat | fetch`.
+
+    jaxserve generate "Write a haiku about the sea."        # chat-formatted, streamed
+    jaxserve generate --raw "The capital of France is"      # plain completion
+    jaxserve chat                                           # interactive, multi-turn
+    jaxserve fetch                                          # download the default model
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _engine_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    # One conversation at a time: few shape buckets to compile (5 with these defaults).
+    g.add_argument("--max-num-seqs", type=int, default=1)
+    g.add_argument("--max-num-batched-tokens", type=int, default=128)
+    g.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="bytes for the KV cache")
+
+
+def _sampling_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(a):
+    from jaxserve.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                          top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                          presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+                          seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+
+
+def _llm(a):
+    from jaxserve.llm import LLM
+
+    return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+               max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_cache_memory,
+               decode_buckets=(1, 2, 4, 8, 16, 32, 64))
+
+
+def cmd_generate(a) -> int:
+    params = _sampling_params(a)  # validate before loading anything
+    llm = _llm(a)
+    prompt = a.prompt if a.raw else [{"role": "user", "content": a.prompt}]
+    for delta in llm.stream(prompt, params):
+        print(delta, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(a) -> int:
+    params = _sampling_params(a)
+    llm = _llm(a)
+    history = [{"role": "system", "content": a.system}] if a.system else []
+    print("jaxserve chat: type a message, /reset to start over, Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        # Each turn re-sends the conversation; its pages are found in the prefix cache, so only
+        # the new message is computed.
+        for delta in llm.stream(history, params):
+            print(delta, end="", flush=True)
+            reply.append(delta)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_fetch(a) -> int:
+    from jaxserve.models.fetch import fetch
+
+    print(fetch())
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="jaxserve", description="JAX inference engine for LLMs")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for one prompt (streamed)")
+    g.add_argument("prompt")
+    g.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    _engine_args(g), _sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive multi-turn chat (streamed)")
+    c.add_argument("--system", default=None, help="system prompt")
+    _engine_args(c), _sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+    f = sub.add_parser("fetch", help="download the default model into checkpoints/")
+    f.set_defaults(func=cmd_fetch)
+    a = ap.parse_args(argv)
+    from jaxserve.errors import JaxserveError
+
+    try:
+        return a.func(a)
+    except JaxserveError as e:
+        print(f"jaxserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
