@@ -129,6 +129,7 @@ class Engine:
         self._groups: dict[str, _Group] = {}
         self._seqs: dict[str, tuple[_Group, _Sequence]] = {}
         self._params_of: dict[str, SamplingParams] = {}
+        self.num_preemptions = 0  # sequences preempted (recompute) since start
         t0 = time.perf_counter()
         self.runner.warmup(progress=progress)
         self.warmup_seconds = time.perf_counter() - t0
@@ -205,7 +206,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that produced tokens or finished."""
         scheduled = self.scheduler.schedule()
+        self.num_preemptions += len(scheduled.preempted)
         if scheduled.is_empty:
+            self.scheduler.update(scheduled, {})
             return []
         try:
             result = self.runner.execute(scheduled, self._params_of)

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real default model (fetched once into checkpoints/ by its real fetch
+path) and tiny random-weight engines that compile in seconds."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine import Engine
+from jaxserve.models.params import init_params
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    from jaxserve.models.fetch import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smol_checkpoint(default_model_path):
+    from jaxserve.models.loader import load_checkpoint
+
+    return load_checkpoint(default_model_path, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_checkpoint):
+    from jaxserve.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_metadata(smol_checkpoint.gguf_metadata)
+
+
+TINY = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64,
+            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=1024,
+            tie_word_embeddings=True)
+TINY_ENGINE = EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+                           decode_buckets=(1, 2, 4, 8), num_kv_pages=128, page_size=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    config = ModelConfig.from_hf(TINY)
+    # Larger than init's default scale so that greedy outputs vary from token to token.
+    return config, init_params(config, jax.random.PRNGKey(0), jnp.float32, scale=0.5)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_engine(tiny_model, smol_tokenizer):
+    """tiny engine factory: a 2-layer random model behind SmolLM2's real tokenizer."""
+
+    def make(**overrides):
+        config = dataclasses.replace(TINY_ENGINE, **overrides)
+        return Engine.from_components(config, *tiny_model, smol_tokenizer)
+
+    return make
