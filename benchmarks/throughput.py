@@ -1,0 +1,148 @@
+"""Offline throughput on the default model, jaxserve against HF transformers in the same run.
+
+The work of ../shared/peers (and of vLLM's offline benchmark): distinct prompts of exactly 128
+tokens (windows of a license text), 128 new tokens each, greedy, EOS ignored; batch sizes 1, 8,
+32 and 64; float32 and bfloat16. Reports prefill tok/s, decode tok/s, end-to-end output tok/s,
+warmup time, and the ratio to HF transformers `generate` on the same prompts (torch on the same
+2 cores). vLLM's CPU build is measured too when it is importable.
+
+    python benchmarks/throughput.py                         # everything (~15 min here)
+    python benchmarks/throughput.py --batches 1,32 --dtypes float32 --peers hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+PROMPT_LEN, NEW_TOKENS = 128, 128
+TEXT_FILE = "/usr/share/common-licenses/GPL-3"
+
+
+def make_prompts(tokenizer, n: int) -> list[list[int]]:
+    """n distinct windows of PROMPT_LEN tokens of a license text (any long text would do)."""
+    try:
+        text = open(TEXT_FILE).read()
+    except OSError:
+        text = " ".join(f"Clause {i}: the licensee may copy, modify and share this work." for i in range(4000))
+    ids = tokenizer.encode(text)
+    stride = max(1, (len(ids) - PROMPT_LEN) // max(1, n))
+    return [ids[b * stride: b * stride + PROMPT_LEN] for b in range(n)]
+
+
+def bench_jaxserve(dtype: str, batches: list[int], repeats: int):
+    from jaxserve import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=512,
+              decode_buckets=tuple(sorted(set(batches))), progress=False)
+    warmup = time.perf_counter() - t0
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    prompts = make_prompts(llm.get_tokenizer(), max(batches))
+    rows = []
+    for b in batches:
+        runs = []
+        for _ in range(repeats + 1):  # the first run also settles the allocator
+            start, wall = time.perf_counter(), time.time()
+            outs = llm.generate(prompts[:b], params, use_tqdm=False)
+            end = time.perf_counter()
+            first = max(o.metrics.first_token_time for o in outs) - wall  # every prompt prefilled
+            assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outs)
+            runs.append((end - start, first))
+        total, first = min(runs[1:])  # least disturbed run; the machine is shared
+        prefill = b * PROMPT_LEN / first
+        decode = b * (NEW_TOKENS - 1) / max(total - first, 1e-9)
+        rows.append(dict(engine="jaxserve", dtype=dtype, batch=b, prefill=prefill, decode=decode,
+                         e2e=b * NEW_TOKENS / total, warmup=warmup))
+    return rows
+
+
+def bench_hf(dtype: str, batches: list[int], repeats: int):
+    import torch
+    import transformers
+
+    from jaxserve.models.fetch import default_model_path
+    from jaxserve.models.loader import load_checkpoint
+    from jaxserve.tokenizer import Tokenizer
+
+    torch.set_num_threads(os.cpu_count())
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).eval()
+    tok = Tokenizer.from_gguf_metadata(load_checkpoint(path).gguf_metadata)
+    prompts = np.array(make_prompts(tok, max(batches)), np.int64)
+    rows = []
+    for b in batches:
+        x = torch.from_numpy(prompts[:b])
+
+        def run():
+            with torch.inference_mode():
+                return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                                      min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2)
+
+        run()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        rows.append(dict(engine="hf", dtype=dtype, batch=b, prefill=None, decode=None,
+                         e2e=b * NEW_TOKENS / min(times), warmup=None))
+    return rows
+
+
+def bench_vllm(dtype: str, batches: list[int], repeats: int):
+    try:
+        from vllm import LLM as VLLM, SamplingParams as VParams
+    except ImportError:
+        return []
+    from jaxserve.models.fetch import default_model_path
+
+    path = default_model_path()
+    llm = VLLM(str(path), dtype=dtype, max_model_len=512)
+    prompts = make_prompts(llm.get_tokenizer(), max(batches))
+    params = VParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    rows = []
+    for b in batches:
+        batch = [{"prompt_token_ids": p} for p in prompts[:b]]
+        llm.generate(batch, params, use_tqdm=False)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            llm.generate(batch, params, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+        rows.append(dict(engine="vllm", dtype=dtype, batch=b, prefill=None, decode=None,
+                         e2e=b * NEW_TOKENS / min(times), warmup=None))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--peers", default="hf,vllm", help="comma list of hf, vllm; empty for none")
+    ap.add_argument("--repeats", type=int, default=1)
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+    rows = []
+    for dtype in a.dtypes.split(","):
+        rows += bench_jaxserve(dtype, batches, a.repeats)
+        for peer in filter(None, a.peers.split(",")):
+            rows += {"hf": bench_hf, "vllm": bench_vllm}[peer](dtype, batches, a.repeats)
+    ours = {(r["dtype"], r["batch"]): r["e2e"] for r in rows if r["engine"] == "jaxserve"}
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    print(f"\n{'engine':<9} {'dtype':<9} {'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} "
+          f"{'out tok/s':>9} {'warmup s':>8} {'jaxserve / this':>15}")
+    for r in rows:
+        ratio = ours.get((r["dtype"], r["batch"]), 0) / r["e2e"] if r["engine"] != "jaxserve" else None
+        print(f"{r['engine']:<9} {r['dtype']:<9} {r['batch']:>5} {fmt(r['prefill'], '13.0f')} "
+              f"{fmt(r['decode'], '12.0f')} {r['e2e']:>9.1f} {fmt(r['warmup'], '8.1f')} "
+              f"{fmt(ratio, '15.2f')}")
+
+
+if __name__ == "__main__":
+    main()
