@@ -140,6 +140,9 @@ class Engine:
                     params: SamplingParams | None = None, *, arrival_time: float | None = None):
         """Queue a request. Raises a ValueError subclass, leaving nothing behind, if it can never run."""
         params = params or SamplingParams()
+        if params.prompt_logprobs is not None:
+            raise NotImplementedError("prompt_logprobs is not supported yet (logits of prompt "
+                                      "positions are not computed); use logprobs for outputs")
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
