@@ -3,6 +3,7 @@ supported architecture: prefill (in chunks) and decode steps through the paged c
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -109,3 +110,16 @@ def test_missing_and_bad_checkpoints(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(CheckpointError, match="missing config.json"):
         load_checkpoint(tmp_path)
+
+
+def test_sharded_safetensors_folder(tmp_path):
+    hf = make_hf_model("llama3-gqa-scaled", tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    one, sharded = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "sharded")
+    assert one.config == sharded.config
+    for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(sharded.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (tmp_path / "sharded" / sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))[-1]).unlink()
+    with pytest.raises(CheckpointError, match="missing shard"):
+        load_checkpoint(tmp_path / "sharded")
