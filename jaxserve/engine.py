@@ -75,14 +75,16 @@ class _Group:  # one user request
     prompt_token_ids: list[int]
     seqs: list[_Sequence]
     metrics: RequestMetrics
+    prompt_logprobs: list | None = None  # [None, {token: Logprob}, ...] when asked for
 
     @property
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.seqs)
 
     def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None,
-                             [s.output() for s in self.seqs], self.finished, self.metrics)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             self.prompt_logprobs, [s.output() for s in self.seqs], self.finished,
+                             self.metrics)
 
 
 class Engine:
@@ -140,9 +142,6 @@ class Engine:
                     params: SamplingParams | None = None, *, arrival_time: float | None = None):
         """Queue a request. Raises a ValueError subclass, leaving nothing behind, if it can never run."""
         params = params or SamplingParams()
-        if params.prompt_logprobs is not None:
-            raise NotImplementedError("prompt_logprobs is not supported yet (logits of prompt "
-                                      "positions are not computed); use logprobs for outputs")
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
@@ -160,7 +159,8 @@ class Engine:
             raise InvalidPromptError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the maximum "
                 f"context length of {self.max_model_len} tokens")
-        group = _Group(request_id, text, ids, [], RequestMetrics(arrival_time or time.time()))
+        group = _Group(request_id, text, ids, [], RequestMetrics(arrival_time or time.time()),
+                       None if params.prompt_logprobs is None else [None])
         ids_of = [request_id] if params.n == 1 else [f"{k}_{request_id}" for k in range(params.n)]
         added = []
         try:
@@ -170,8 +170,12 @@ class Engine:
                 self.scheduler.add_request(Request(
                     seq_id, ids, max_tokens, eos_token_ids=self.eos_token_ids,
                     stop_token_ids=frozenset(params.stop_token_ids or ()),
-                    min_tokens=params.min_tokens, ignore_eos=params.ignore_eos, sampling_params=p))
+                    min_tokens=params.min_tokens, ignore_eos=params.ignore_eos, sampling_params=p,
+                    # prompt log-probs need every prompt position computed (by the first sequence)
+                    use_prefix_cache=params.prompt_logprobs is None))
                 added.append(seq_id)
+                if k > 0:  # only the first sequence reports prompt log-probs
+                    p = dataclasses.replace(p, prompt_logprobs=None)
                 seq = _Sequence(seq_id, k, p, IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop or (), include_stop_str_in_output=params.include_stop_str_in_output,
@@ -229,6 +233,15 @@ class Engine:
             group, _ = self._seqs[s.request_id]
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
+        for seq_id, (pos, (lps, top_ids, top_lps, ranks)) in result.prompt_logprobs.items():
+            group, seq = self._seqs[seq_id]
+            k = seq.params.prompt_logprobs
+            for j in range(len(lps)):
+                if len(group.prompt_logprobs) != pos + j + 1:
+                    continue  # recomputed after a preemption: already recorded
+                target = group.prompt_token_ids[pos + j + 1]
+                group.prompt_logprobs.append(self._logprob_dict(
+                    k, target, lps[j], ranks[j], top_ids[j], top_lps[j]))
         sampled = {rid: [int(t)] for rid, t in zip(result.request_ids, result.token_ids)}
         finished = {r.request_id: r for r in self.scheduler.update(scheduled, sampled)}
         reasons: dict[str, str] = {}
@@ -254,14 +267,19 @@ class Engine:
         return self._collect(reasons, touched={self._seqs[r][0].request_id for r in result.request_ids})
 
     def _position_logprobs(self, k: int, token: int, r: StepResult, i: int) -> dict[int, Logprob]:
+        top = (None, None) if r.top_logprob_ids is None else (r.top_logprob_ids[i], r.top_logprobs[i])
+        return self._logprob_dict(k, token, r.logprobs[i], None if r.ranks is None else r.ranks[i],
+                                  *top)
+
+    def _logprob_dict(self, k, token, logprob, rank, top_ids, top_lps) -> dict[int, Logprob]:
+        """vLLM's shape for one position: the top-k and the chosen (or prompt) token."""
         decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
         out = {}
-        if k and r.top_logprob_ids is not None:
-            for rank, (tid, lp) in enumerate(zip(r.top_logprob_ids[i][:k], r.top_logprobs[i][:k]), 1):
-                out[int(tid)] = Logprob(float(lp), rank, decode(int(tid)))
+        if k and top_ids is not None:
+            for r, (tid, lp) in enumerate(zip(top_ids[:k], top_lps[:k]), 1):
+                out[int(tid)] = Logprob(float(lp), r, decode(int(tid)))
         if token not in out:
-            rank = int(r.ranks[i]) if r.ranks is not None else None
-            out[token] = Logprob(float(r.logprobs[i]), rank, decode(token))
+            out[token] = Logprob(float(logprob), None if rank is None else int(rank), decode(token))
         return out
 
     def _collect(self, reasons: dict[str, str], touched: set[str] = frozenset()) -> list[RequestOutput]:

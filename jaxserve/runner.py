@@ -71,6 +71,7 @@ class StepResult:
     top_logprob_ids: np.ndarray | None  # [n, 20]
     top_logprobs: np.ndarray | None  # [n, 20]
     ranks: np.ndarray | None  # [n]
+    prompt_logprobs: dict = dataclasses.field(default_factory=dict)  # see ModelRunner._prompt_step
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -99,6 +100,8 @@ class ModelRunner:
             {"layers": lp}, lkv, h, md, config=config, first_layer=0, num_layers=g))
         self._head = jax.jit(lambda hp, h, li: llama.head(hp, h, li, config=config))
         self._head_params = {k: v for k, v in params.items() if k != "layers"}
+        self._prompt_logprobs = jax.jit(lambda hp, h, targets: token_logprobs(
+            llama.head(hp, h, jnp.arange(h.shape[0]), config=config), targets, NUM_TOP_LOGPROBS))
         self._write = jax.jit(write_kv, donate_argnums=0)
         self._sample = jax.jit(_sample_program, static_argnames=("all_greedy", "needs_penalties",
                                                                  "num_logprobs"))
@@ -144,7 +147,7 @@ class ModelRunner:
         return exe
 
     def _forward(self, b: Bucket, ids, md, logits_indices):
-        """All layers over one padded batch: (logits [R, V], new_kv per layer)."""
+        """All layers over one padded batch: (logits [R, V], new_kv per layer, hidden [T, D])."""
         hidden = self._program(("embed", b.num_tokens), self._embed, self.params["embed"], ids)(
             self.params["embed"], ids)
         g, new_kv = self.layers_per_program, []
@@ -156,7 +159,7 @@ class ModelRunner:
         logits = self._program(("head", b.num_tokens, b.num_requests), self._head,
                                self._head_params, hidden, logits_indices)(
             self._head_params, hidden, logits_indices)
-        return logits, tuple(new_kv)
+        return logits, tuple(new_kv), hidden
 
     def warmup(self, progress: bool = True):
         """Compile every bucket (and the greedy and plain-temperature samplers for each request
@@ -166,7 +169,7 @@ class ModelRunner:
         buckets = self.all_buckets()
         for b in tqdm(buckets, desc="Compiling buckets", disable=not progress, unit="bucket"):
             ids, md, li = self._dummy_batch(b)
-            logits, new_kv = self._forward(b, ids, md, li)
+            logits, new_kv, _ = self._forward(b, ids, md, li)
             self.kv = self._program(("write", b.num_tokens), self._write, self.kv, new_kv,
                                     md.slot_mapping)(self.kv, new_kv, md.slot_mapping)
             for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0)):
@@ -213,7 +216,7 @@ class ModelRunner:
         logits_indices = np.zeros(b.num_requests, np.int32)
         logits_indices[:len(sched)] = last
 
-        logits, new_kv = self._forward(b, ids, md, logits_indices)
+        logits, new_kv, hidden = self._forward(b, ids, md, logits_indices)
         self.kv = self._program(("write", b.num_tokens), self._write, self.kv, new_kv,
                                 md.slot_mapping)(self.kv, new_kv, md.slot_mapping)
 
@@ -227,12 +230,34 @@ class ModelRunner:
         want_top = any(p.logprobs for p in sp)
         res: SamplerOutput = self._run_sampler(logits, tensors, banned,
                                                NUM_TOP_LOGPROBS if want_top else 0)
+        prompt = self._prompt_step(b, sched, sp, hidden)
         res = jax.device_get(res)
         keep = np.array([i for i, s in enumerate(sched) if s.samples_token], np.int64)
         pick = lambda x: None if x is None else np.asarray(x)[keep]
         return StepResult([sched[i].request_id for i in keep], pick(res.token_ids),
                           pick(res.logprobs), pick(res.top_logprob_ids), pick(res.top_logprobs),
-                          pick(res.ranks))
+                          pick(res.ranks), prompt)
+
+    def _prompt_step(self, b: Bucket, sched, sp: list[SamplingParams], hidden) -> dict:
+        """Log-probs of the next prompt token at each prompt position of this step's chunks, for
+        requests that asked for prompt_logprobs: {request_id: (first position, (logprob [n],
+        top ids [n, 20], top log-probs [n, 20], rank [n]))}. Logits of every token are computed
+        only in steps that carry such a request."""
+        want, targets, start = {}, np.zeros(b.num_tokens, np.int32), 0
+        for s, p in zip(sched, sp):
+            prompt = s.request.prompt_token_ids
+            n = min(s.end_position, len(prompt) - 1) - s.start_position  # positions with a next token
+            if p.prompt_logprobs is not None and n > 0:
+                targets[start:start + n] = prompt[s.start_position + 1: s.start_position + 1 + n]
+                want[s.request_id] = (s.start_position, start, n)
+            start += s.num_new_tokens
+        if not want:
+            return {}
+        out = jax.device_get(self._program(("prompt_logprobs", b.num_tokens), self._prompt_logprobs,
+                                           self._head_params, hidden, targets)(
+            self._head_params, hidden, targets))
+        return {rid: (pos, tuple(np.asarray(x)[at:at + n] for x in out))
+                for rid, (pos, at, n) in want.items()}
 
 
 def _sample_program(logits, t: SamplingTensors, banned, *, all_greedy, needs_penalties,

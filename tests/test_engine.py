@@ -182,3 +182,26 @@ def test_llm_api(engine):
     gen.close()  # closing early aborts the request and frees its pages
     assert not engine.has_unfinished_requests()
     assert "LLM(Engine(LlamaForCausalLM" in repr(llm)
+
+
+def test_prompt_logprobs_are_log_softmax(engine, tiny_model):
+    from tests.paged_driver import PagedDriver, log_norm
+
+    p = prompts(1, seed=8, lo=70, hi=90)[0]  # longer than one 64-token step: two chunks
+    engine.add_request("warm", p, GREEDY)  # its pages are cached; prompt log-probs must not use them
+    while engine.has_unfinished_requests():
+        engine.step()
+    out = run(engine, [p], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2,
+                                          ignore_eos=True))["0"]
+    drv = PagedDriver(tiny_model[1], tiny_model[0], page_size=8, num_pages=64)
+    logits = drv.step({0: p})[0]
+    logp = logits - log_norm(logits)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    tol = 1e-5 * np.abs(logits).max()
+    for pos in range(1, len(p)):
+        lps = out.prompt_logprobs[pos]
+        assert p[pos] in lps and len(lps) in (2, 3)
+        assert [t for t, lp in lps.items() if lp.rank is not None and lp.rank <= 2] == \
+            np.argsort(-logp[pos - 1])[:2].tolist()
+        for t, lp in lps.items():
+            assert abs(lp.logprob - logp[pos - 1, t]) < tol

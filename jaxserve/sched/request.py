@@ -55,6 +55,7 @@ class Request:
     min_tokens: int = 0  # no eos / stop token ends it before this many outputs
     ignore_eos: bool = False
     sampling_params: object | None = None  # opaque here; for the runner's sampler
+    use_prefix_cache: bool = True  # False: compute every prompt token (e.g. for prompt log-probs)
 
     # ---- scheduler bookkeeping ----
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)

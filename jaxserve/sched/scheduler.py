@@ -323,7 +323,7 @@ class Scheduler:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             request = self._waiting[0]
             hits: list[int] = []
-            if self.config.enable_prefix_caching:
+            if self.config.enable_prefix_caching and request.use_prefix_cache:
                 # Full pages only, and at least one token left to compute so the step samples.
                 num_full = (request.num_tokens - 1) // size
                 hits = pm.find_cached_prefix(request.page_hashes(size, num_full))
