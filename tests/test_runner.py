@@ -28,7 +28,7 @@ def test_no_program_copies_the_cache(runner):
         hidden = jax.numpy.zeros((b.num_tokens, runner.config.hidden_size))
         layers_hlo = runner._layers.lower(lp, lkv, hidden, md).compile().as_text()
         assert not cache_copies(layers_hlo, cache_shape), b
-        _, new_kv = runner._forward(b, ids, md, li)
+        _, new_kv, _ = runner._forward(b, ids, md, li)
         write_hlo = runner._write.lower(runner.kv, new_kv, md.slot_mapping).compile().as_text()
         assert not cache_copies(write_hlo, cache_shape), b
         # the write is in place: its outputs alias the donated cache
