@@ -135,7 +135,7 @@ def main():
             rows += {"hf": bench_hf, "vllm": bench_vllm}[peer](dtype, batches, a.repeats)
         print(*rows, sep="\n", flush=True)  # partial results, in case a long run is cut short
     ours = {(r["dtype"], r["batch"]): r["e2e"] for r in rows if r["engine"] == "jaxserve"}
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    fmt = lambda v, spec: format("-", f">{spec.split('.')[0]}") if v is None else format(v, spec)
     print(f"\n{'engine':<9} {'dtype':<9} {'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} "
           f"{'out tok/s':>9} {'warmup s':>8} {'jaxserve / this':>15}")
     for r in rows:
