@@ -288,8 +288,8 @@ class Engine:
         groups = set(touched)
         for seq_id, reason in reasons.items():
             group, seq = self._seqs[seq_id]
-            if reason != "stop" or seq.stop_reason is None or isinstance(seq.stop_reason, int):
-                seq.text += seq.detok.flush()  # release text held back for a possible stop string
+            # Release text held back for a possible stop string (nothing if one was found).
+            seq.text += seq.detok.flush()
             seq.finish_reason = reason
             groups.add(group.request_id)
         outputs = []

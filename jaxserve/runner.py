@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +48,7 @@ PREFILL_QUERY_BLOCK = 16
 NUM_TOP_LOGPROBS = 20  # top log-probs are computed for 20 and cut on host: one sampler variant
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True)
 class Bucket:
     num_tokens: int  # T
     num_requests: int  # R
@@ -287,4 +286,4 @@ def pages_for_bytes(config: ModelConfig, page_size: int, dtype, num_bytes: int) 
     return max(2, num_bytes // per_page)
 
 
-__all__: Sequence[str] = ["Bucket", "ModelRunner", "StepResult", "pages_for_bytes"]
+__all__ = ["Bucket", "ModelRunner", "StepResult", "pages_for_bytes"]
