@@ -189,10 +189,24 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # padded batch sizes of decode steps
     layers_per_program: int = 10  # layers per compiled program (the nearest divisor of L is used)
     seed: int = 0  # seeds the draws of unseeded requests
+    # Sharding (parallel.py). A user's jax.sharding.Mesh may be passed to Engine / LLM as `mesh=`.
+    tensor_parallel_size: int = 1  # devices the heads, MLP width, vocabulary and KV heads split over
+    # Several processes (hosts) serving one model (multihost.py); jax.distributed.initialize args.
+    coordinator_address: str | None = None  # "host:port" of process 0; None: one process
+    num_processes: int = 1
+    process_id: int = 0
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("tensor_parallel_size", "num_processes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process_id must be in [0, num_processes={self.num_processes}), "
+                             f"got {self.process_id}")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise ValueError("num_processes > 1 needs coordinator_address ('host:port' of process 0)")
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

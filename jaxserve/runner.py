@@ -26,6 +26,13 @@ Buckets (`Bucket`): a step is padded to a token count T and a request count R.
   query blocks of 16 tokens, N = R + T / 16 blocks (enough for any split of T tokens over R).
 The page-table width is fixed at max_model_len / page_size: the attention loops only over the
 pages the longest request needs, so context length is no bucket dimension.
+
+Sharding (parallel.py): the runner owns a mesh (one device by default). Params and the KV cache
+are placed on it once; every program is compiled with its output shardings fixed (hidden
+replicated, new K/V and the cache split on KV heads, logits split on the vocabulary), so each
+step's arrays arrive exactly as the compiled programs expect and nothing recompiles. A step is
+`prepare` (host: the batch as numpy, `StepInputs`) then `run` (device); with several processes
+process 0 broadcasts the `StepInputs` and every process runs the same step (multihost.py).
 """
 
 from __future__ import annotations
@@ -33,12 +40,16 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxserve import parallel
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.kernels import build_metadata, write_kv
+from jaxserve.kernels import AttentionMetadata, build_metadata, write_kv
 from jaxserve.models import llama
 from jaxserve.sampling import (SamplerOutput, SamplingParams, SamplingTensors, sample,
                                token_logprobs)
@@ -73,6 +84,20 @@ class StepResult:
     prompt_logprobs: dict = dataclasses.field(default_factory=dict)  # see ModelRunner._prompt_step
 
 
+@dataclasses.dataclass
+class StepInputs:
+    """Everything the device work of one step needs, as host numpy: what process 0 broadcasts."""
+
+    bucket: Bucket
+    token_ids: np.ndarray  # [T] int32
+    md: AttentionMetadata  # numpy, padded to the bucket
+    logits_indices: np.ndarray  # [R] int32, each request's last token on T
+    sampling: SamplingTensors  # numpy, R rows
+    banned: np.ndarray  # [R, k] int32 tokens a row cannot draw (-1 = none), k a power of two or 0
+    num_logprobs: int  # top log-probs to compute (0 or NUM_TOP_LOGPROBS)
+    prompt_targets: np.ndarray | None  # [T] int32 next prompt token per position; None: no prompt logprobs
+
+
 def _powers_of_two(lo: int, hi: int) -> list[int]:
     out, b = [], lo
     while b < hi:
@@ -82,11 +107,23 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, params, engine: EngineConfig, num_pages: int):
-        self.config, self.params, self.engine = config, params, engine
+    def __init__(self, config: ModelConfig, params, engine: EngineConfig, num_pages: int, *,
+                 mesh: Mesh | None = None):
+        """`params` in the checkpoint layout (any placement); they are laid out and placed on
+        `mesh` (default: one device). `self.config` is the config the sharded model runs (more
+        KV heads where they are replicated, see parallel.py)."""
+        self.mesh = parallel.make_mesh(1) if mesh is None else mesh
+        self.params, config = parallel.shard_params(params, config, self.mesh)
+        self.config, self.engine = config, engine
         self.num_pages, self.page_size = num_pages, engine.page_size
         self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        self.kv = llama.init_kv_cache(config, num_pages, engine.page_size, self.kv_dtype)
+        self._replicated = parallel.replicated(self.mesh)
+        kv_sharding = parallel.kv_sharding(config, self.mesh)
+        self.kv = jax.jit(lambda: llama.init_kv_cache(config, num_pages, engine.page_size,
+                                                      self.kv_dtype), out_shardings=kv_sharding)()
+        new_kv_sharding = NamedSharding(self.mesh, P(*kv_sharding.spec[1:]))  # [T, K, E]
+        logits_sharding = NamedSharding(self.mesh, parallel.spec_for(
+            (None, "vocab"), (1, config.vocab_size), self.mesh))
         self.max_pages_per_request = -(-engine.max_model_len // engine.page_size)
         self.decode_buckets = sorted({min(b, engine.max_num_seqs) for b in engine.decode_buckets}
                                      | {engine.max_num_seqs})
@@ -94,16 +131,25 @@ class ModelRunner:
                                             engine.max_num_batched_tokens)
         self.layers_per_program = _group_size(config.num_layers, engine.layers_per_program)
         g = self.layers_per_program
-        self._embed = jax.jit(lambda table, ids: llama.embed({"embed": table}, ids))
+        rep, mesh = self._replicated, self.mesh
+        self._embed = jax.jit(lambda table, ids: llama.embed({"embed": table}, ids),
+                              out_shardings=rep)
         self._layers = jax.jit(lambda lp, lkv, h, md: llama.layers(
-            {"layers": lp}, lkv, h, md, config=config, first_layer=0, num_layers=g))
-        self._head = jax.jit(lambda hp, h, li: llama.head(hp, h, li, config=config))
-        self._head_params = {k: v for k, v in params.items() if k != "layers"}
+            {"layers": lp}, lkv, h, md, config=config, first_layer=0, num_layers=g, mesh=mesh),
+            out_shardings=(rep, new_kv_sharding))
+        self._head = jax.jit(lambda hp, h, li: llama.head(hp, h, li, config=config),
+                             out_shardings=logits_sharding)
+        self._head_params = {k: v for k, v in self.params.items() if k != "layers"}
         self._prompt_logprobs = jax.jit(lambda hp, h, targets: token_logprobs(
-            llama.head(hp, h, jnp.arange(h.shape[0]), config=config), targets, NUM_TOP_LOGPROBS))
-        self._write = jax.jit(write_kv, donate_argnums=0)
-        self._sample = jax.jit(_sample_program, static_argnames=("all_greedy", "needs_penalties",
-                                                                 "num_logprobs"))
+            llama.head(hp, h, jnp.arange(h.shape[0]), config=config), targets, NUM_TOP_LOGPROBS),
+            out_shardings=rep)
+        self._write = jax.jit(functools.partial(write_kv, mesh=mesh), donate_argnums=0,
+                              out_shardings=kv_sharding)
+        vocab_split = logits_sharding.spec[1] is not None
+        self._sample = jax.jit(functools.partial(_sample_program, mesh=mesh if vocab_split else None),
+                               out_shardings=rep,
+                               static_argnames=("all_greedy", "needs_penalties", "num_logprobs"))
+        self.broadcast = None  # set by multihost.py on process 0 of several: sends StepInputs
         self._compiled: dict[tuple, object] = {}
         self.compile_seconds = 0.0
 
@@ -169,18 +215,28 @@ class ModelRunner:
         for b in tqdm(buckets, desc="Compiling buckets", disable=not progress, unit="bucket"):
             ids, md, li = self._dummy_batch(b)
             logits, new_kv, _ = self._forward(b, ids, md, li)
-            self.kv = self._program(("write", b.num_tokens), self._write, self.kv, new_kv,
-                                    md.slot_mapping)(self.kv, new_kv, md.slot_mapping)
+            self._write_kv(b, new_kv, md.slot_mapping)
             for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0)):
                 t = SamplingTensors.from_params([params], [0], [[]], [[]], self.config.vocab_size,
-                                                pad_to=b.num_requests)
-                self._run_sampler(logits, t, [], 0)
+                                                pad_to=b.num_requests, rng=np.random.default_rng(0))
+                self._run_sampler(logits, self._put(t),
+                                  self._put(np.zeros((b.num_requests, 0), np.int32)), 0)
         jax.block_until_ready(self.kv)
+
+    def _put(self, tree):
+        """Host numpy -> arrays replicated over the mesh (global arrays across processes)."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self._replicated)
+        return jax.tree_util.tree_map(lambda x: parallel.place(x, self._replicated), tree)
+
+    def _write_kv(self, b: Bucket, new_kv, slot_mapping):
+        self.kv = self._program(("write", b.num_tokens), self._write, self.kv, new_kv,
+                                slot_mapping)(self.kv, new_kv, slot_mapping)
 
     def _dummy_batch(self, b: Bucket):
         n = 1 if b.query_block == 1 else b.num_tokens
         md = self._metadata(b, [n], [n], [[0] * self.max_pages_per_request])
-        return jnp.zeros(b.num_tokens, jnp.int32), md, jnp.zeros(b.num_requests, jnp.int32)
+        return self._put((np.zeros(b.num_tokens, np.int32), md, np.zeros(b.num_requests, np.int32)))
 
     def _metadata(self, b: Bucket, query_lens, kv_lens, page_tables):
         return build_metadata(query_lens=query_lens, kv_lens=kv_lens, page_tables=page_tables,
@@ -189,12 +245,8 @@ class ModelRunner:
                               num_pages_per_request=self.max_pages_per_request,
                               num_blocks=b.num_blocks, query_block=b.query_block)
 
-    def _run_sampler(self, logits, t: SamplingTensors, banned: list[list[int]], num_logprobs: int):
+    def _run_sampler(self, logits, t: SamplingTensors, ban, num_logprobs: int):
         rows = t.temperature.shape[0]
-        width = max((len(x) for x in banned), default=0)
-        ban = np.full((rows, 1 << max(0, width - 1).bit_length() if width else 0), -1, np.int32)
-        for i, ids in enumerate(banned):
-            ban[i, :len(ids)] = ids
         static = dict(all_greedy=t.all_greedy, needs_penalties=t.needs_penalties,
                       num_logprobs=num_logprobs)
         key = ("sampler", rows, ban.shape[1], t.output_token_ids.shape, t.prompt_token_ids.shape,
@@ -206,6 +258,23 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, params_of: dict[str, SamplingParams]) -> StepResult:
         """Run one scheduled step; sample for the entries whose step completes a prefill or decodes."""
         sched = out.scheduled
+        inputs, prompt_rows = self.prepare(out, params_of)
+        if self.broadcast is not None:
+            self.broadcast(inputs)
+        res, prompt_out = jax.device_get(self.run(inputs))
+        keep = np.array([i for i, s in enumerate(sched) if s.samples_token], np.int64)
+        pick = lambda x: None if x is None else np.asarray(x)[keep]
+        prompt = {rid: (pos, tuple(np.asarray(x)[at:at + n] for x in prompt_out))
+                  for rid, (pos, at, n) in prompt_rows.items()}
+        return StepResult([sched[i].request_id for i in keep], pick(res.token_ids),
+                          pick(res.logprobs), pick(res.top_logprob_ids), pick(res.top_logprobs),
+                          pick(res.ranks), prompt)
+
+    def prepare(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
+                ) -> tuple[StepInputs, dict]:
+        """The step as host arrays, and {request_id: (first prompt position, first row on T,
+        rows)} of the requests that asked for prompt log-probs. No device work."""
+        sched = out.scheduled
         qlens = [s.num_new_tokens for s in sched]
         b = self.bucket_for(sum(qlens), len(sched), all(q == 1 for q in qlens))
         md = self._metadata(b, qlens, [s.end_position for s in sched], [s.page_ids for s in sched])
@@ -214,34 +283,44 @@ class ModelRunner:
         last = np.cumsum(qlens) - 1  # each request's last token: where its next token is sampled
         logits_indices = np.zeros(b.num_requests, np.int32)
         logits_indices[:len(sched)] = last
-
-        logits, new_kv, hidden = self._forward(b, ids, md, logits_indices)
-        self.kv = self._program(("write", b.num_tokens), self._write, self.kv, new_kv,
-                                md.slot_mapping)(self.kv, new_kv, md.slot_mapping)
-
         reqs = [s.request for s in sched]
         sp = [params_of[r.request_id] for r in reqs]
         banned = [list(r.eos_token_ids | r.stop_token_ids)
                   if r.num_output_tokens < p.min_tokens else [] for r, p in zip(reqs, sp)]
+        width = max((len(x) for x in banned), default=0)
+        ban = np.full((b.num_requests, 1 << max(0, width - 1).bit_length() if width else 0), -1,
+                      np.int32)
+        for i, banned_ids in enumerate(banned):
+            ban[i, :len(banned_ids)] = banned_ids
         tensors = SamplingTensors.from_params(
             sp, [r.num_output_tokens for r in reqs], [r.output_token_ids for r in reqs],
             [r.prompt_token_ids for r in reqs], self.config.vocab_size, pad_to=b.num_requests)
-        want_top = any(p.logprobs for p in sp)
-        res: SamplerOutput = self._run_sampler(logits, tensors, banned,
-                                               NUM_TOP_LOGPROBS if want_top else 0)
-        prompt = self._prompt_step(b, sched, sp, hidden)
-        res = jax.device_get(res)
-        keep = np.array([i for i, s in enumerate(sched) if s.samples_token], np.int64)
-        pick = lambda x: None if x is None else np.asarray(x)[keep]
-        return StepResult([sched[i].request_id for i in keep], pick(res.token_ids),
-                          pick(res.logprobs), pick(res.top_logprob_ids), pick(res.top_logprobs),
-                          pick(res.ranks), prompt)
+        num_logprobs = NUM_TOP_LOGPROBS if any(p.logprobs for p in sp) else 0
+        targets, rows = self._prompt_targets(b, sched, sp)
+        return StepInputs(b, ids, md, logits_indices, tensors, ban, num_logprobs, targets), rows
 
-    def _prompt_step(self, b: Bucket, sched, sp: list[SamplingParams], hidden) -> dict:
-        """Log-probs of the next prompt token at each prompt position of this step's chunks, for
-        requests that asked for prompt_logprobs: {request_id: (first position, (logprob [n],
-        top ids [n, 20], top log-probs [n, 20], rank [n]))}. Logits of every token are computed
-        only in steps that carry such a request."""
+    def run(self, inputs: StepInputs) -> tuple[SamplerOutput, tuple | None]:
+        """The device work of one step (every process runs it): forward, cache write, sampling,
+        prompt log-probs when asked. Returns device arrays, replicated over the mesh."""
+        b = inputs.bucket
+        ids, md, li, tensors, ban = self._put((inputs.token_ids, inputs.md, inputs.logits_indices,
+                                               inputs.sampling, inputs.banned))
+        logits, new_kv, hidden = self._forward(b, ids, md, li)
+        self._write_kv(b, new_kv, md.slot_mapping)
+        res: SamplerOutput = self._run_sampler(logits, tensors, ban, inputs.num_logprobs)
+        prompt_out = None
+        if inputs.prompt_targets is not None:
+            targets = self._put(inputs.prompt_targets)
+            prompt_out = self._program(("prompt_logprobs", b.num_tokens), self._prompt_logprobs,
+                                       self._head_params, hidden, targets)(
+                self._head_params, hidden, targets)
+        return res, prompt_out
+
+    def _prompt_targets(self, b: Bucket, sched, sp: list[SamplingParams]):
+        """For requests that asked for prompt_logprobs: the next prompt token at each prompt
+        position of this step's chunks ([T], or None when no request asked), and {request_id:
+        (first position, first row, rows)}. Logits of every token are computed only in steps
+        that carry such a request."""
         want, targets, start = {}, np.zeros(b.num_tokens, np.int32), 0
         for s, p in zip(sched, sp):
             prompt = s.request.prompt_token_ids
@@ -250,19 +329,23 @@ class ModelRunner:
                 targets[start:start + n] = prompt[s.start_position + 1: s.start_position + 1 + n]
                 want[s.request_id] = (s.start_position, start, n)
             start += s.num_new_tokens
-        if not want:
-            return {}
-        out = jax.device_get(self._program(("prompt_logprobs", b.num_tokens), self._prompt_logprobs,
-                                           self._head_params, hidden, targets)(
-            self._head_params, hidden, targets))
-        return {rid: (pos, tuple(np.asarray(x)[at:at + n] for x in out))
-                for rid, (pos, at, n) in want.items()}
+        return (targets if want else None), want
 
 
 def _sample_program(logits, t: SamplingTensors, banned, *, all_greedy, needs_penalties,
-                    num_logprobs) -> SamplerOutput:
+                    num_logprobs, mesh: Mesh | None) -> SamplerOutput:
     """Sample one token per row. banned [R, k] (-1 = none) are stop tokens of rows still below
-    min_tokens: they cannot be drawn, but log-probs stay those of the raw model distribution."""
+    min_tokens: they cannot be drawn, but log-probs stay those of the raw model distribution.
+
+    With logits split over the vocabulary (tensor parallel), greedy steps without penalties
+    or top log-probs never gather them (parallel.sharded_greedy); every other variant gathers
+    the [R, V] logits once (R * V * 4 bytes: 12 MiB at 64 rows of a 49152 vocabulary) and runs
+    the one sampler, so that sampled tokens do not depend on the mesh. mesh: given when the
+    logits are split on V."""
+    if mesh is not None:
+        if all_greedy and not needs_penalties and not num_logprobs:
+            return SamplerOutput(*parallel.sharded_greedy(logits, banned, mesh))
+        logits = jax.lax.with_sharding_constraint(logits, parallel.replicated(mesh))
     if not banned.shape[1]:
         return sample(logits, t, all_greedy=all_greedy, needs_penalties=needs_penalties,
                       num_logprobs=num_logprobs)

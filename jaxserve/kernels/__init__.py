@@ -7,6 +7,11 @@ the pure-jnp reference (`ragged_paged_attention.ref_ragged_paged_attention`) els
 tests, benchmarks). Shapes a kernel cannot run (say, a head dim it cannot tile) fall back to the
 reference with one warning per reason. All of them only read the cache: the new K/V are
 written by `write_kv`, in a program of its own (see ragged_paged_attention.py for why).
+
+Sharded over a mesh (`mesh=`, tensor parallelism, see parallel.py): both run under `shard_map`,
+each device on its own query heads and its own KV heads' cache shard, with the metadata
+replicated; a kernel then sees an ordinary smaller problem (H/tp heads, K/tp KV heads), so the
+Pallas kernels need no sharding logic of their own.
 """
 
 from __future__ import annotations
@@ -16,9 +21,28 @@ import importlib
 import warnings
 
 import jax
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxserve.kernels.metadata import AttentionMetadata, build_metadata, num_query_blocks
-from jaxserve.kernels.ragged_paged_attention import ref_ragged_paged_attention, write_kv
+from jaxserve.kernels.ragged_paged_attention import ref_ragged_paged_attention
+from jaxserve.kernels.ragged_paged_attention import write_kv as _write_kv
+
+TENSOR = "tensor"  # the mesh axis split over heads (parallel.TENSOR)
+_HEADS = P(None, TENSOR, None)  # q, out [T, H, E]; k_new, v_new [T, K, E]
+_CACHE = P(None, None, TENSOR, None)  # caches [P, S, K, E]
+
+
+def _is_sharded(mesh: Mesh | None) -> bool:
+    return mesh is not None and dict(mesh.shape).get(TENSOR, 1) > 1
+
+
+def write_kv(kv, new_kv, slot_mapping, *, mesh: Mesh | None = None):
+    """Scatter new K/V [T, K, E] per layer into the caches [P, S, K, E] at slots [T] (see
+    ragged_paged_attention.write_kv); with a mesh, each device writes its own KV heads."""
+    if not _is_sharded(mesh):
+        return _write_kv(kv, new_kv, slot_mapping)
+    return jax.shard_map(_write_kv, mesh=mesh, in_specs=(_CACHE, _HEADS, P()), out_specs=_CACHE,
+                         check_vma=False)(kv, new_kv, slot_mapping)
 
 IMPLS = ("reference", "tpu", "gpu")
 KERNELS = ("tpu", "gpu")  # each is jaxserve.kernels.<name>_ragged_paged_attention
@@ -49,11 +73,21 @@ def _warn_fallback(impl: str, reason: str) -> None:
 def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetadata, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, impl: str | None = None,
-                           interpret: bool = False):
+                           interpret: bool = False, mesh: Mesh | None = None):
     """q [T, H, E], caches [P, S, K, E] (read only), new K/V [T, K, E] -> out [T, H, E].
 
     impl: None picks by backend (TPU -> "tpu", GPU -> "gpu", else "reference"); an explicit
-    kernel on another backend needs interpret=True (Pallas interpret mode, slow, for tests)."""
+    kernel on another backend needs interpret=True (Pallas interpret mode, slow, for tests).
+    mesh: heads and KV heads split over its "tensor" axis; each device runs the chosen
+    implementation on its shard (K divides by the axis size: parallel.py makes sure of it)."""
+    if _is_sharded(mesh):
+        def local(q, k_cache, v_cache, k_new, v_new, md):
+            return ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
+                                          sliding_window=sliding_window, soft_cap=soft_cap,
+                                          impl=impl, interpret=interpret)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(_HEADS, _CACHE, _CACHE, _HEADS, _HEADS, P()),
+                             out_specs=_HEADS, check_vma=False)(q, k_cache, v_cache, k_new, v_new, md)
     if impl not in (None, *IMPLS):
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS} or None")
     backend = backend_of(q)

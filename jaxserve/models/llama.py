@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
 from jaxserve import kernels
 from jaxserve.config import ModelConfig, rope_inv_freq
 from jaxserve.kernels import AttentionMetadata
@@ -58,8 +60,10 @@ def embed(params, token_ids):
     return params["embed"][token_ids]
 
 
-def attention_block(p, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, c: ModelConfig):
-    """x [T, D] (already normed) -> (attention output [T, D], k_new [T, K, E], v_new [T, K, E])."""
+def attention_block(p, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, c: ModelConfig,
+                    mesh: Mesh | None = None):
+    """x [T, D] (already normed) -> (attention output [T, D], k_new [T, K, E], v_new [T, K, E]).
+    With a mesh, heads are split over its tensor axis and attention runs per device."""
     t, d = x.shape
     k, g, e = c.num_kv_heads, c.group_size, c.head_dim
     qkv = jnp.dot(x, p["wqkv"].reshape(d, -1)).reshape(t, k, g + 2, e)  # [T, K, G+2, E]
@@ -72,7 +76,8 @@ def attention_block(p, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, c: 
         k_new = rms_norm(k_new, p["k_norm"], c.rms_norm_eps)
     q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
     out = kernels.ragged_paged_attention(
-        q, k_cache, v_cache, k_new, v_new, md, sm_scale=e ** -0.5, sliding_window=c.sliding_window)
+        q, k_cache, v_cache, k_new, v_new, md, sm_scale=e ** -0.5, sliding_window=c.sliding_window,
+        mesh=mesh)
     out = jnp.dot(out.reshape(t, -1), p["wo"].reshape(-1, d))  # [T, D]
     if c.o_bias:
         out = out + p["bo"]
@@ -87,16 +92,17 @@ def mlp_block(p, x):
 
 
 def layers(params, kv: KVCache, hidden, md: AttentionMetadata, *, config: ModelConfig,
-           first_layer: int, num_layers: int) -> tuple[jax.Array, NewKV]:
+           first_layer: int, num_layers: int, mesh: Mesh | None = None) -> tuple[jax.Array, NewKV]:
     """Run layers [first_layer, first_layer + num_layers): hidden [T, D] -> (hidden, new_kv)
-    where new_kv holds those layers' K/V of this step's tokens, to be written by write_kv."""
+    where new_kv holds those layers' K/V of this step's tokens, to be written by write_kv.
+    mesh: attention runs under shard_map over its tensor axis (params placed by parallel.py)."""
     c = config
     cos, sin = rope(md.positions, c)
     new_kv = []
     for i in range(first_layer, first_layer + num_layers):
         p = params["layers"][i]
         attn, k_new, v_new = attention_block(
-            p, rms_norm(hidden, p["attn_norm"], c.rms_norm_eps), *kv[i], md, cos, sin, c)
+            p, rms_norm(hidden, p["attn_norm"], c.rms_norm_eps), *kv[i], md, cos, sin, c, mesh)
         new_kv.append((k_new, v_new))
         hidden = hidden + attn
         hidden = hidden + mlp_block(p, rms_norm(hidden, p["mlp_norm"], c.rms_norm_eps))
