@@ -1,8 +1,10 @@
-"""`jaxserve generate | chat | fetch`.
+"""`jaxserve generate | chat | serve | bench | fetch`.
 
     jaxserve generate "Write a haiku about the sea."        # chat-formatted, streamed
     jaxserve generate --raw "The capital of France is"      # plain completion
     jaxserve chat                                           # interactive, multi-turn
+    jaxserve serve --port 8000 --api-key KEY                # OpenAI-compatible server
+    jaxserve bench serve --base-url http://127.0.0.1:8000   # load-test a running server
     jaxserve fetch                                          # download the default model
 """
 
@@ -92,6 +94,27 @@ def cmd_chat(a) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(a) -> int:
+    import logging
+    import os
+
+    from jaxserve.server import ServerLimits, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = _llm(a).engine
+    limits = ServerLimits(max_n=a.max_n, max_waiting_requests=a.max_waiting_requests,
+                          max_request_bytes=a.max_request_bytes)
+    return serve(engine, host=a.host, port=a.port, model_name=a.served_model_name,
+                 api_key=a.api_key or os.environ.get("JAXSERVE_API_KEY") or None, limits=limits,
+                 shutdown_timeout=a.shutdown_timeout, log_level=a.log_level)
+
+
+def cmd_bench_serve(a) -> int:
+    from jaxserve.server.bench import main as bench_main
+
+    return bench_main(a)
+
+
 def cmd_fetch(a) -> int:
     from jaxserve.models.fetch import fetch
 
@@ -111,6 +134,29 @@ def main(argv=None) -> int:
     c.add_argument("--system", default=None, help="system prompt")
     _engine_args(c), _sampling_args(c)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY' on "
+                   "/v1/* (default: $JAXSERVE_API_KEY; none = open)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send")
+    s.add_argument("--max-waiting-requests", type=int, default=256, help="queued sequences "
+                   "beyond which requests get 503")
+    s.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-n", type=int, default=16, help="largest n per request")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests "
+                   "get to finish after SIGTERM before they are aborted")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _engine_args(s)
+    # A server batches many requests: more sequences and a larger step than one chat needs.
+    s.set_defaults(func=cmd_serve, max_num_seqs=32, max_num_batched_tokens=256,
+                   kv_cache_memory=1 << 30)
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from jaxserve.server.bench import add_arguments
+
+    bs = b.add_parser("serve", help="load-test an OpenAI-compatible server (like vllm bench serve)")
+    add_arguments(bs)
+    bs.set_defaults(func=cmd_bench_serve)
     f = sub.add_parser("fetch", help="download the default model into checkpoints/")
     f.set_defaults(func=cmd_fetch)
     a = ap.parse_args(argv)

@@ -1,0 +1,267 @@
+"""The HTTP server over a tiny random model (fast steps), on a real uvicorn server on loopback:
+error classes and their JSON, auth, limits, request ids, streaming, 32 concurrent clients with
+disconnects, metrics returning to idle, schema fuzzing, a dead engine loop and draining."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.server_util import thread_server
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(make_tiny_engine):
+    with thread_server(make_tiny_engine(), model_name="tiny", api_key=KEY) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server[0], headers=AUTH, timeout=120) as c:
+        yield c
+
+
+def metrics(client) -> dict[str, float]:
+    out = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("jaxserve:"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split("{")[0] if "model_name" in name and "," not in name else name] = float(value)
+    return out
+
+
+def assert_error(r: httpx.Response, status: int, param=None, contains: str = ""):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] == param, body
+    assert contains in body["error"]["message"], body
+
+
+# -- auth, request ids, operations ----------------------------------------------------------------
+
+def test_api_key_guards_v1_only(server):
+    url = server[0]
+    assert_error(httpx.get(f"{url}/v1/models"), 401)
+    assert_error(httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert_error(httpx.post(f"{url}/v1/completions", json={"prompt": "x"}), 401)
+    assert httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"][0]["id"] == "tiny"
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert "jaxserve:num_requests_running" in httpx.get(f"{url}/metrics").text
+
+
+def test_request_id_header(client):
+    assert client.get("/v1/models", headers={"X-Request-Id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    ids = {client.get("/health").headers["x-request-id"] for _ in range(3)}
+    assert len(ids) == 3  # generated when absent
+    assert client.get("/health", headers={"X-Request-Id": "x" * 500}).headers["x-request-id"] != "x" * 500
+
+
+def test_tokenize_detokenize(client, smol_tokenizer):
+    r = client.post("/tokenize", json={"prompt": "Hello world"}).json()
+    assert r["tokens"] == smol_tokenizer.encode("Hello world", add_special_tokens=True)
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 256
+    assert client.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "Hello world"
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["tokens"] == smol_tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+    assert_error(client.post("/detokenize", json={"tokens": [10**9]}), 400, "tokens", "vocabulary")
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,status,param,contains", [
+    ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "integer"),
+    ({"prompt": "x", "n": 100}, 400, "n", "16"),
+    ({"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens", "256"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature", ">= 0"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", ""),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "20"),
+    ({"prompt": "x", "stop": ["s"] * 17}, 400, "stop", "16"),
+    ({"prompt": "x", "logit_bias": {"1": 2}}, 400, "logit_bias", "not supported"),
+    ({"max_tokens": 3}, 400, "prompt", "Field required"),
+    ({"prompt": []}, 400, "prompt", "empty"),
+    ({"prompt": [[1, 2], [10**9]]}, 400, "prompt", "vocabulary"),
+    ({"prompt": "word " * 300, "max_tokens": 4}, 400, "prompt", "maximum context length of 256"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
+])
+def test_completion_errors(client, body, status, param, contains):
+    assert_error(client.post("/v1/completions", json=body), status, param, contains)
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "user"}]}, 400, "messages"),
+    ({"messages": "hi"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
+])
+def test_chat_errors(client, body, status, param):
+    assert_error(client.post("/v1/chat/completions", json=body), status, param)
+
+
+def test_malformed_and_oversized_bodies(client):
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, None, "JSON")
+    assert_error(client.post("/v1/completions", content=b"x" * (1 << 20 + 1)), 413)
+    assert_error(client.get("/v1/nothing-here"), 404)
+
+
+def test_full_queue_is_503(server, client):
+    engine = server[1]
+    engine.max_waiting_requests = 0
+    try:
+        assert_error(client.post("/v1/completions", json={"prompt": "x"}), 503, None, "queue is full")
+    finally:
+        engine.max_waiting_requests = 256
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+# -- results ----------------------------------------------------------------------------------------
+
+def sse_chunks(client, path, body) -> list:
+    with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_stream_equals_whole_response_and_usage_is_exact(client, smol_tokenizer):
+    body = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 12,
+            "temperature": 0, "n": 2}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    chunks = sse_chunks(client, "/v1/chat/completions",
+                        {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+    for i in range(2):
+        mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["delta"].get("content", "") for c in mine)
+        assert text == whole["choices"][i]["message"]["content"]
+        assert mine[-1]["finish_reason"] == whole["choices"][i]["finish_reason"] == "length"
+    prompt_ids = smol_tokenizer.encode_chat(body["messages"])
+    assert whole["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 24,
+                              "total_tokens": len(prompt_ids) + 24}
+
+
+def test_completion_batch_echo_logprobs_and_stop(client, smol_tokenizer):
+    r = client.post("/v1/completions", json={"prompt": ["Once upon", "The sea"], "max_tokens": 6,
+                                             "temperature": 0, "logprobs": 3, "n": 2}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert r["choices"][0]["text"] == r["choices"][1]["text"]  # greedy: n copies agree
+    for c in r["choices"]:
+        lp = c["logprobs"]
+        assert len(lp["tokens"]) == 6 and "".join(lp["tokens"]) == c["text"]
+        for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+            assert value == pytest.approx(max(top.values()))  # greedy picks the top one
+            assert top[token] == value and len(top) <= 4
+    n_prompt = sum(len(smol_tokenizer.encode(p, add_special_tokens=True)) for p in ["Once upon", "The sea"])
+    assert r["usage"]["prompt_tokens"] == n_prompt and r["usage"]["completion_tokens"] == 24
+
+    echo = client.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 6,
+                                                "temperature": 0, "echo": True}).json()
+    assert echo["choices"][0]["text"] == "Once upon" + r["choices"][0]["text"]
+    stop_at = r["choices"][0]["text"][3:6]
+    stopped = client.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 6,
+                                                   "temperature": 0, "stop": [stop_at]}).json()
+    c = stopped["choices"][0]
+    assert c["finish_reason"] == "stop" and c["stop_reason"] == stop_at
+    assert c["text"] == r["choices"][0]["text"][:r["choices"][0]["text"].index(stop_at)]
+
+
+def test_concurrent_streams_with_disconnects_leave_nothing_behind(server, client):
+    url, engine = server
+    page_manager = engine.engine.scheduler.page_manager
+    aborted_before = metrics(client).get('jaxserve:request_success_total{finished_reason="abort",model_name="tiny"}', 0)
+
+    async def one(i: int, leave: bool):
+        body = {"prompt": f"Request number {i} says", "max_tokens": 40 + i % 5, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=300) as c:
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                lines = []
+                async for line in r.aiter_lines():
+                    if line:
+                        lines.append(line)
+                    if leave and len(lines) == 3:
+                        return None  # disconnect mid-stream
+        return lines
+
+    async def all_of():
+        return await asyncio.gather(*(one(i, leave=i % 4 == 0) for i in range(32)))
+
+    results = asyncio.run(all_of())
+    for i, lines in enumerate(results):
+        if lines is None:
+            continue
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(x[6:]) for x in lines[:-1]]
+        assert chunks[-1]["usage"]["completion_tokens"] == 40 + i % 5
+        text = "".join(c["choices"][0]["text"] for c in chunks[:-1])
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length" and text
+    deadline = time.monotonic() + 30
+    while True:
+        m = metrics(client)
+        idle = (m["jaxserve:num_requests_running"], m["jaxserve:num_requests_waiting"],
+                m["jaxserve:kv_cache_usage_perc"]) == (0, 0, 0)
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert idle, m
+    assert engine.engine.num_unfinished_requests == 0 and page_manager.num_used_pages == 0
+    page_manager.verify()
+    aborted = m['jaxserve:request_success_total{finished_reason="abort",model_name="tiny"}']
+    assert aborted - aborted_before == 8
+    assert m["jaxserve:time_to_first_token_seconds_count"] >= 32
+
+
+def test_non_streaming_client_that_leaves_is_aborted(server, client):
+    url, engine = server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=0.5,
+                   json={"prompt": "Long", "max_tokens": 200, "ignore_eos": True})
+    deadline = time.monotonic() + 30
+    while engine.engine.num_unfinished_requests and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.engine.num_unfinished_requests == 0
+
+
+def test_schema_fuzzing_never_5xx(server):
+    """Requests generated from the OpenAPI schema for every operation: none gets a 5xx, every
+    error is OpenAI-shaped, and the engine is idle afterwards."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    url, engine = server
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    seen = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=30, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case):
+            response = case.call(base_url=url, headers=AUTH, timeout=120)
+            seen.append((operation.label, response.status_code))
+            assert response.status_code < 500, (case.body, response.text)
+            if response.status_code >= 400:
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+        check()
+    assert {label for label, _ in seen} >= {"POST /v1/completions", "POST /v1/chat/completions",
+                                            "POST /tokenize", "POST /detokenize"}
+    assert any(status == 200 for label, status in seen if label == "POST /v1/completions")
+    deadline = time.monotonic() + 30
+    while engine.engine.num_unfinished_requests and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.engine.num_unfinished_requests == 0
