@@ -265,3 +265,24 @@ def test_schema_fuzzing_never_5xx(server):
     while engine.engine.num_unfinished_requests and time.monotonic() < deadline:
         time.sleep(0.1)
     assert engine.engine.num_unfinished_requests == 0
+
+
+def test_dead_engine_loop_fails_streams_in_band_and_health(make_tiny_engine):
+    engine = make_tiny_engine()
+    with thread_server(engine, model_name="tiny") as (url, async_engine):
+        def boom():
+            raise RuntimeError("device lost")
+
+        body = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line)
+            assert json.loads(first[6:])["choices"][0]["text"] is not None
+            engine.step = boom  # the next step fails outside the runner: the loop dies
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        err = json.loads(rest[-2][6:])["error"]
+        assert "device lost" in err["message"] and err["type"] == "service_unavailable"
+        assert_error(httpx.get(f"{url}/health"), 503, None, "device lost")
+        assert_error(httpx.post(f"{url}/v1/completions", json={"prompt": "x"}), 503, None,
+                     "not running")
