@@ -3,7 +3,7 @@ across requests); coroutines talk to it through an inbox and per-request output 
 
     engine = AsyncEngine(Engine(...), metrics)
     engine.start()
-    async with engine.submit([(prompt_ids, params), ...]) as stream:   # one HTTP request
+    with await engine.submit([(prompt_ids, params), ...]) as stream:   # one HTTP request
         async for out in stream: ...                                     # RequestOutputs
 
 Only the engine thread touches the `Engine`: adds and aborts are posted to its inbox and applied
@@ -51,12 +51,25 @@ class _Tracked:  # one engine request, seen from the engine thread
 
 
 class Stream:
-    """The outputs of one submission, in engine order, until each of its requests finished."""
+    """The outputs of one submission, in engine order, until each of its requests finished.
+    Closing it (or leaving its `with`) aborts the requests that have not finished."""
 
-    def __init__(self, ids: list[str], outq: asyncio.Queue):
-        self.ids, self._out = ids, outq
+    def __init__(self, ids: list[str], outq: asyncio.Queue, abort):
+        self.ids, self._out, self._abort = ids, outq, abort
         self._index = {rid: i for i, rid in enumerate(ids)}
         self.finished: set[str] = set()
+
+    def close(self):
+        left = [rid for rid in self.ids if rid not in self.finished]
+        if left and self._abort is not None:
+            self._abort(left)
+        self._abort = None
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def index_of(self, request_id: str) -> int:
         """Which of the submitted prompts an output belongs to."""
@@ -139,11 +152,10 @@ class AsyncEngine:
 
     # -- requests -------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
     async def submit(self, prompts: Sequence[tuple[list[int], SamplingParams]],
-                     ) -> AsyncIterator[Stream]:
-        """Admit prompts (token ids, params) as one unit and stream their outputs; on exit any
-        that have not finished are aborted. Raises EngineUnavailableError (server busy) or the
+                     ) -> Stream:
+        """Admit prompts (token ids, params) as one unit; their outputs come from the returned
+        Stream, which aborts what has not finished when closed. Raises EngineUnavailableError (server busy) or the
         engine's ValueError (a prompt that can never run)."""
         if self.draining:
             raise EngineUnavailableError("the server is shutting down")
@@ -163,13 +175,7 @@ class AsyncEngine:
         except asyncio.CancelledError:  # the client left before admission
             self._post(("abort", ids))
             raise
-        stream = Stream(ids, outq)
-        try:
-            yield stream
-        finally:
-            left = [rid for rid in ids if rid not in stream.finished]
-            if left:
-                self._post(("abort", left))
+        return Stream(ids, outq, lambda left: self._post(("abort", left)))
 
     def _count_pending(self, delta: int):
         with self._pending_lock:

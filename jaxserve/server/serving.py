@@ -32,15 +32,16 @@ class SSEResponse(StreamingResponse):
     """Server-sent events; the body generator is closed (aborting its requests) however the
     response ends, a client disconnect included."""
 
-    def __init__(self, chunks: AsyncIterator[str], **kw):
-        super().__init__(chunks, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"}, **kw)
+    def __init__(self, chunks: AsyncIterator[str], on_close):
+        super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            self.on_close()  # also when the body never started
 
 
 async def until_disconnected(http: Request):
@@ -92,19 +93,15 @@ class OpenAIServing:
     # -- both -----------------------------------------------------------------------------------
 
     async def _respond(self, body, http: Request, prompts, fmt):
-        n = body.n
-        submission = self.engine.submit(prompts)
         try:
-            stream = await submission.__aenter__()
+            stream = await self.engine.submit(prompts)
         except ValueError as e:  # the engine refused a prompt (too long, out of vocabulary)
             raise RequestError(str(e), param="messages" if isinstance(body, ChatCompletionRequest)
                                else "prompt") from None
         if body.stream:
-            return SSEResponse(self._sse(submission, stream, fmt, n))
-        try:
-            finals = await _first_of(self._collect(stream, n), until_disconnected(http))
-        finally:
-            await submission.__aexit__(None, None, None)
+            return SSEResponse(self._sse(stream, fmt, body.n), on_close=stream.close)
+        with stream:
+            finals = await _first_of(self._collect(stream, body.n), until_disconnected(http))
         if finals is None:
             return Response(status_code=499)  # client gone: nobody reads this
         return fmt.response(finals)
@@ -117,7 +114,7 @@ class OpenAIServing:
                     finals[stream.index_of(out.request_id) * n + c.index] = (c, out)
         return finals
 
-    async def _sse(self, submission, stream, fmt, n: int):
+    async def _sse(self, stream, fmt, n: int):
         sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) sent
         done: set[int] = set()  # choices whose finish_reason went out
         try:
@@ -146,7 +143,7 @@ class OpenAIServing:
                                   "service_unavailable" if unavailable else "server_error",
                                   code=503 if unavailable else 500))
         finally:
-            await submission.__aexit__(None, None, None)
+            stream.close()
         yield "data: [DONE]\n\n"
 
 
