@@ -286,3 +286,22 @@ def test_dead_engine_loop_fails_streams_in_band_and_health(make_tiny_engine):
         assert_error(httpx.get(f"{url}/health"), 503, None, "device lost")
         assert_error(httpx.post(f"{url}/v1/completions", json={"prompt": "x"}), 503, None,
                      "not running")
+
+
+def test_serving_benchmark_counts_what_it_sent(server):
+    """`jaxserve bench serve`'s load generator: Poisson arrivals, every token accounted for."""
+    from jaxserve.server.bench import make_prompts, run_load, summarize
+
+    prompts = make_prompts(6, 10, seed=1)
+    res = asyncio.run(run_load(server[0], None, prompts[2:], 5, request_rate=20.0,
+                               warmup_prompts=prompts[:2], api_key=KEY))
+    assert (res["successful"], res["failed"], res["model"]) == (4, 0, "tiny")
+    assert res["output_throughput"] * res["duration_s"] == pytest.approx(20)
+    assert res["total_token_throughput"] * res["duration_s"] == pytest.approx(20 + 4 * 10)
+    assert 0 < res["ttft_ms"]["median"] <= res["e2e_ms"]["median"]
+    assert res["itl_ms"]["mean"] > 0 and res["tpot_ms"]["p99"] > 0
+    bad = asyncio.run(run_load(server[0], "tiny", prompts[:1], 5, api_key="wrong"))
+    assert bad["failed"] == 1 and "401" in bad["errors"][0]
+    with pytest.raises(RuntimeError, match="401"):
+        asyncio.run(run_load(server[0], None, prompts[:1], 5, api_key="wrong"))
+    assert summarize([], 1.0, "m")["successful"] == 0

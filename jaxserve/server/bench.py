@@ -99,7 +99,10 @@ async def run_load(base_url: str, model: str | None, prompts: list[list[int]], o
     limits = httpx.Limits(max_connections=max_concurrency or len(prompts))
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits) as client:
         if model is None:
-            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            r = await client.get("/v1/models")
+            if r.status_code != 200:
+                raise RuntimeError(f"GET {base_url}/v1/models: HTTP {r.status_code}: {r.text[:200]}")
+            model = r.json()["data"][0]["id"]
 
         def body(p):
             return {"model": model, "prompt": p, "max_tokens": output_len, "min_tokens": output_len,
