@@ -305,3 +305,17 @@ def test_serving_benchmark_counts_what_it_sent(server):
     with pytest.raises(RuntimeError, match="401"):
         asyncio.run(run_load(server[0], None, prompts[:1], 5, api_key="wrong"))
     assert summarize([], 1.0, "m")["successful"] == 0
+
+
+def test_drain_lets_running_requests_finish_then_refuses(make_tiny_engine):
+    with thread_server(make_tiny_engine(), model_name="tiny") as (url, async_engine):
+        body = {"prompt": "Hello", "max_tokens": 30, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line)  # running
+            assert async_engine.drain(timeout=60) is True  # finished within the timeout
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert_error(httpx.post(f"{url}/v1/completions", json={"prompt": "x"}), 503, None,
+                     "shutting down")
