@@ -23,6 +23,12 @@ def _engine_args(p: argparse.ArgumentParser):
     g.add_argument("--max-num-seqs", type=int, default=1)
     g.add_argument("--max-num-batched-tokens", type=int, default=128)
     g.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="bytes for the KV cache")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="devices to shard the model over (must divide the query heads)")
+    g.add_argument("--coordinator-address", default=None,
+                   help="host:port of process 0, to serve from several processes (jax.distributed)")
+    g.add_argument("--num-processes", type=int, default=1)
+    g.add_argument("--process-id", type=int, default=0)
 
 
 def _sampling_args(p: argparse.ArgumentParser):
@@ -54,7 +60,9 @@ def _llm(a):
 
     return LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_cache_memory,
-               decode_buckets=(1, 2, 4, 8, 16, 32, 64))
+               decode_buckets=(1, 2, 4, 8, 16, 32, 64), tensor_parallel_size=a.tensor_parallel_size,
+               coordinator_address=a.coordinator_address, num_processes=a.num_processes,
+               process_id=a.process_id)
 
 
 def cmd_generate(a) -> int:
@@ -122,6 +130,13 @@ def cmd_fetch(a) -> int:
     return 0
 
 
+def cmd_convert(a) -> int:
+    from jaxserve.models.orbax import convert
+
+    print(convert(a.src, a.dst, dtype=a.dtype))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jaxserve", description="JAX inference engine for LLMs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -159,6 +174,12 @@ def main(argv=None) -> int:
     bs.set_defaults(func=cmd_bench_serve)
     f = sub.add_parser("fetch", help="download the default model into checkpoints/")
     f.set_defaults(func=cmd_fetch)
+    cv = sub.add_parser("convert", help="write an HF folder or .gguf file as an orbax checkpoint")
+    cv.add_argument("src", help="HF folder or .gguf file (`jaxserve fetch` prints the default model's)")
+    cv.add_argument("dst", help="new folder for the orbax checkpoint")
+    cv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype the params are stored in")
+    cv.set_defaults(func=cmd_convert)
     a = ap.parse_args(argv)
     from jaxserve.errors import JaxserveError
 

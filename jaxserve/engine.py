@@ -18,10 +18,14 @@ import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from jaxserve import multihost
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.errors import JaxserveError
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxserve.parallel import (ShardingError, check_mesh, make_mesh, sharded_model_config,
+                               tensor_size)
 from jaxserve.runner import ModelRunner, StepResult, pages_for_bytes
 from jaxserve.sampling import SamplingParams
 from jaxserve.sched import FinishReason, Request, Scheduler, SchedulerConfig
@@ -88,45 +92,63 @@ class _Group:  # one user request
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True, **kwargs):
-        """Load the model named by `config.model` (default model when None) and compile."""
+    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True,
+                 mesh: Mesh | None = None, **kwargs):
+        """Load the model named by `config.model` (default model when None) and compile.
+        mesh: a user's mesh with a "tensor" axis, instead of one built from
+        `tensor_parallel_size` (see parallel.py)."""
         from jaxserve.models.loader import load_checkpoint
+        from jaxserve.models.orbax import is_orbax_checkpoint, restore
 
         config = dataclasses.replace(config or EngineConfig(), **kwargs)
+        multihost.initialize(config)  # before anything asks jax for devices
         if config.model is None:
             from jaxserve.models.fetch import default_model_path
 
             path = default_model_path()
         else:
             path = config.model
-        ckpt = load_checkpoint(path, dtype=jnp.dtype(config.dtype))
+        if is_orbax_checkpoint(path):  # restored straight into the mesh's shardings
+            mesh = mesh if mesh is not None else make_mesh(config.tensor_parallel_size)
+            ckpt = restore(path, mesh, dtype=jnp.dtype(config.dtype))
+        else:
+            ckpt = load_checkpoint(path, dtype=jnp.dtype(config.dtype))
         if ckpt.gguf_metadata is not None:
             tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata)
         else:
             tokenizer = Tokenizer.from_dir(ckpt.source)
-        self._setup(config, ckpt.config, ckpt.params, tokenizer, progress)
+        self._setup(config, ckpt.config, ckpt.params, tokenizer, progress, mesh)
 
     @classmethod
     def from_components(cls, config: EngineConfig, model_config: ModelConfig, params,
-                        tokenizer: Tokenizer, *, progress: bool = False) -> Engine:
+                        tokenizer: Tokenizer, *, progress: bool = False,
+                        mesh: Mesh | None = None) -> Engine:
         """An engine over already-loaded parts (tests, notebooks experimenting with weights)."""
         self = cls.__new__(cls)
-        self._setup(config, model_config, params, tokenizer, progress)
+        self._setup(config, model_config, params, tokenizer, progress, mesh)
         return self
 
-    def _setup(self, config, model_config, params, tokenizer, progress):
+    def _setup(self, config, model_config, params, tokenizer, progress, mesh=None):
         enable_compilation_cache()
         self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
         self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                  model_config.max_position_embeddings)
-        num_pages = config.num_kv_pages or pages_for_bytes(model_config, config.page_size,
-                                                           config.dtype, config.kv_cache_memory)
+        mesh = mesh if mesh is not None else make_mesh(config.tensor_parallel_size)
+        check_mesh(model_config, mesh)  # a clear error before any loading onto devices
+        if config.tensor_parallel_size not in (1, tensor_size(mesh)):
+            raise ShardingError(f"tensor_parallel_size={config.tensor_parallel_size} but the mesh "
+                                f"given has a tensor axis of {tensor_size(mesh)}; pass one of them")
+        # KV pages by bytes count the KV heads as laid out on the mesh (replicated ones too).
+        num_pages = config.num_kv_pages or pages_for_bytes(
+            sharded_model_config(model_config, tensor_size(mesh)), config.page_size,
+            config.dtype, config.kv_cache_memory)
         self.scheduler = Scheduler(SchedulerConfig(
             num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching))
         self.runner = ModelRunner(model_config, params, dataclasses.replace(
-            config, max_model_len=self.max_model_len), num_pages)
+            config, max_model_len=self.max_model_len), num_pages, mesh=mesh)
+        multihost.attach(self.runner)  # several processes: process 0 broadcasts each step
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._seqs: dict[str, tuple[_Group, _Sequence]] = {}

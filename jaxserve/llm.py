@@ -25,12 +25,16 @@ Messages = list[dict]
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "float32",
                  max_model_len: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, progress: bool = True, **engine_options):
-        """Load `model` (an HF folder or a .gguf file; None = the default model) and compile its
-        shape buckets. Further keyword options are `EngineConfig` fields."""
+                 max_num_batched_tokens: int = 512, progress: bool = True, mesh=None,
+                 **engine_options):
+        """Load `model` (an HF folder, a .gguf file or a `jaxserve convert`ed orbax folder; None =
+        the default model) and compile its shape buckets. Further keyword options are
+        `EngineConfig` fields (e.g. tensor_parallel_size=2); mesh: a jax.sharding.Mesh with a
+        "tensor" axis to shard over instead."""
         self.engine = Engine(EngineConfig(
             model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, **engine_options), progress=progress)
+            max_num_batched_tokens=max_num_batched_tokens, **engine_options), progress=progress,
+            mesh=mesh)
         self._ids = itertools.count()
 
     @classmethod

@@ -1,0 +1,123 @@
+"""Orbax checkpoints: `convert` an HF folder or a GGUF file once, `restore` it straight onto a
+mesh, each device reading only its own shard.
+
+    jaxserve convert checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smol-orbax [--dtype bfloat16]
+    LLM(model="/tmp/smol-orbax", tensor_parallel_size=3)
+
+A converted folder holds:
+    jaxserve_checkpoint.json   marker: format version, dtype, source, tokenizer kind
+    config.json                the HF-style config dict (`ModelConfig.from_hf` reads it)
+    params/                    the params pytree in jaxserve's layout (orbax, tensorstore)
+    tokenizer                  HF source: its tokenizer.json, tokenizer_config.json, chat
+                               template and generation_config.json, copied; GGUF source:
+                               gguf_tokenizer.json, the tokenizer.* metadata (vocabulary, merges,
+                               special ids, chat template) that `Tokenizer.from_gguf_metadata`
+                               rebuilds the tokenizer from
+Params are stored in the checkpoint layout (KV heads as in the model), so one checkpoint
+serves any mesh; `restore` asks orbax for each array with its target `NamedSharding`
+(`parallel.param_shardings`), and tensorstore reads only the slices a process's devices hold.
+
+Load times, SmolLM2-135M-Instruct (float32, CPU, 2 cores; `python benchmarks/load.py`):
+see README "Sharded serving, orbax checkpoints, multi-host" for the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import ModelConfig
+from jaxserve.errors import CheckpointError
+from jaxserve.models.loader import LoadedCheckpoint, load_checkpoint, load_hf_config
+from jaxserve.models.params import ParamSpec, param_specs
+
+MARKER = "jaxserve_checkpoint.json"
+FORMAT_VERSION = 1
+GGUF_TOKENIZER = "gguf_tokenizer.json"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                      "chat_template.json", "generation_config.json", "special_tokens_map.json")
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32") -> Path:
+    """Write an orbax checkpoint of `src` (HF folder or .gguf) to the new folder `dst`."""
+    import orbax.checkpoint as ocp
+
+    src, dst = Path(src), Path(dst).absolute()
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError(dst, "destination exists and is not empty; choose a new folder")
+    ckpt = load_checkpoint(src, dtype=jnp.dtype(dtype))
+    if ckpt.gguf_metadata is not None:
+        from jaxserve.models.gguf import read_gguf
+
+        hf_config = read_gguf(src).hf_config
+        tokenizer = {k: v for k, v in ckpt.gguf_metadata.items() if k.startswith("tokenizer.")}
+    else:
+        hf_config, tokenizer = load_hf_config(src), None
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        with ocp.StandardCheckpointer() as saver:
+            saver.save(dst / "params", _to_lists(ckpt.params))
+        (dst / "config.json").write_text(json.dumps(hf_config, indent=1))
+        if tokenizer is not None:
+            (dst / GGUF_TOKENIZER).write_text(json.dumps(tokenizer))
+        else:
+            for name in HF_TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, dst / name)
+        marker = dict(format=FORMAT_VERSION, dtype=dtype, source=str(src.absolute()),
+                      tokenizer="gguf" if tokenizer is not None else "hf")
+        (dst / MARKER).write_text(json.dumps(marker, indent=1))  # last: the folder is complete
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    return dst
+
+
+def restore(path: str | os.PathLike, mesh: jax.sharding.Mesh,
+            dtype=jnp.float32) -> LoadedCheckpoint:
+    """The checkpoint at `path` as (config, params placed on `mesh` in `dtype`, tokenizer
+    source). Arrays are restored directly into their shardings for `mesh`."""
+    import orbax.checkpoint as ocp
+
+    from jaxserve import parallel
+
+    path = Path(path).absolute()
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(path / MARKER, f"unreadable checkpoint marker: {e}") from None
+    if marker.get("format") != FORMAT_VERSION:
+        raise CheckpointError(path, f"orbax checkpoint format {marker.get('format')!r}; this "
+                                    f"jaxserve reads format {FORMAT_VERSION}")
+    config = ModelConfig.from_hf(load_hf_config(path))
+    parallel.check_mesh(config, mesh)
+    shardings = parallel.param_shardings(config, mesh)  # checkpoint layout: KV heads as stored
+    target = jax.tree_util.tree_map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=sharding),
+        param_specs(config), shardings, is_leaf=lambda x: isinstance(x, ParamSpec))
+    with ocp.StandardCheckpointer() as loader:
+        try:
+            params = loader.restore(path / "params", _to_lists(target))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(path / "params", f"does not match config.json: {e}") from None
+    params = dict(params, layers=tuple(params["layers"]))
+    meta = None
+    if marker.get("tokenizer") == "gguf":
+        meta = json.loads((path / GGUF_TOKENIZER).read_text())
+    return LoadedCheckpoint(config, params, path, meta)
+
+
+def _to_lists(params: dict) -> dict:
+    """orbax stores sequences as lists: the per-layer tuple goes in and out as a list."""
+    return dict(params, layers=list(params["layers"]))
