@@ -89,10 +89,11 @@ def test_tensor_parallel_equals_one_device(engines, num_kv_heads):
         # The donated cache was updated in place, shard by shard, and is still split on K.
         assert shard_pointers(engine.runner.kv[0][0]) == pointers
         assert tuple(engine.runner.kv[0][0].sharding.spec) == (None, None, "tensor", None)
-        # Greedy sampling on vocab-split logits gathers nothing but [R] values.
+        # No weight is gathered in the layers (only [T, D] all-reduces), and greedy sampling on
+        # vocab-split logits gathers nothing but [R] values.
         for key, exe in engine.runner._compiled.items():
-            if key[0] == "sampler" and key[-3:] == (True, False, 0):
-                assert "all-gather" not in exe.as_text()
+            if key[0] == "layers" or key[0] == "sampler" and key[-3:] == (True, False, 0):
+                assert "all-gather" not in exe.as_text(), key
         np.testing.assert_allclose(batch_logits(engine), ref_logits, rtol=1e-4, atol=1e-4)
         # Sampling variants that gather the logits (top_p, top log-probs) agree as well.
         out = generate(engine, PROMPTS[:2], sampled)

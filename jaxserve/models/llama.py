@@ -86,8 +86,9 @@ def attention_block(p, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, c: 
 
 def mlp_block(p, x):
     """SwiGLU: x [T, D] -> [T, D]."""
-    t, d = x.shape
-    gate_up = jnp.dot(x, p["w_gate_up"].reshape(d, -1)).reshape(t, 2, -1)  # [T, 2, F]
+    # An einsum, not a reshape to [D, 2F]: with F split over a mesh, that reshape made XLA
+    # all-gather the whole weight in every layer of every step.
+    gate_up = jnp.einsum("TD,DCF->TCF", x, p["w_gate_up"])  # [T, 2, F]
     return jnp.dot(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], p["w_down"])
 
 
