@@ -107,6 +107,24 @@ def test_errors_through_the_client(client):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
 
 
+def test_tensor_parallel_server_answers_like_one_device(client):
+    """`jaxserve serve --tensor-parallel-size 3` (SmolLM2's 9 query / 3 KV heads over 3 of the
+    suite's 8 CPU devices) gives the one-device server's greedy answers."""
+    import openai
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    want = [client.completions.create(model="SmolLM2-135M-Instruct", prompt=p, max_tokens=16,
+                                      temperature=0).choices[0].text for p in prompts]
+    with process_server(*SERVE_ARGS, "--tensor-parallel-size", "3") as (url, _):
+        tp = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
+        got = [tp.completions.create(model="SmolLM2-135M-Instruct", prompt=p, max_tokens=16,
+                                     temperature=0).choices[0].text for p in prompts]
+        chat = tp.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION,
+                                          max_tokens=20, temperature=0)
+    assert got == want
+    assert "Paris" in chat.choices[0].message.content
+
+
 def test_sigterm_drains_and_exits(served):
     """Last in this module: it stops the server. Streams running at SIGTERM end (aborted after
     --shutdown-timeout 3) with finish_reason "abort" and [DONE]; new requests get 503; the
