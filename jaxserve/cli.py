@@ -106,15 +106,23 @@ def cmd_serve(a) -> int:
     import logging
     import os
 
+    from jaxserve import multihost
     from jaxserve.server import ServerLimits, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = _llm(a).engine
+    if not multihost.is_leader():  # other processes compute the steps process 0 broadcasts
+        steps = multihost.run_worker(engine)
+        logging.getLogger("jaxserve").info("worker: process 0 stopped; ran %d steps", steps)
+        return 0
     limits = ServerLimits(max_n=a.max_n, max_waiting_requests=a.max_waiting_requests,
                           max_request_bytes=a.max_request_bytes)
-    return serve(engine, host=a.host, port=a.port, model_name=a.served_model_name,
-                 api_key=a.api_key or os.environ.get("JAXSERVE_API_KEY") or None, limits=limits,
-                 shutdown_timeout=a.shutdown_timeout, log_level=a.log_level)
+    try:
+        return serve(engine, host=a.host, port=a.port, model_name=a.served_model_name,
+                     api_key=a.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
+                     limits=limits, shutdown_timeout=a.shutdown_timeout, log_level=a.log_level)
+    finally:
+        multihost.stop_workers(engine)
 
 
 def cmd_bench_serve(a) -> int:

@@ -44,11 +44,11 @@ def thread_server(engine, **make_app_kw):
 
 
 @contextlib.contextmanager
-def process_server(*args: str, start_timeout: float = 900):
+def process_server(*args: str, start_timeout: float = 900, env: dict | None = None):
     """(base_url, Popen) of `jaxserve serve ARGS` on a free port; killed on exit if still up."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "serve", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
