@@ -516,6 +516,7 @@ class IncrementalDetokenizer:
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        self._skipped = frozenset(tokenizer.all_special_ids) if skip_special_tokens else frozenset()
         self._stop = stop
         self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens  # as vLLM: no stop-string check until more tokens than this
@@ -564,9 +565,14 @@ class IncrementalDetokenizer:
         if new_text.endswith("\ufffd") and not final:
             # Hold back the last few tokens if they hold an incomplete character: cut where the
             # text decodes the same in two parts, i.e. where the UTF-8 decoder is between characters.
-            # (A character has at most 4 bytes, so at most 3 tokens of an unfinished one are here;
-            # if no such cut exists the bytes are invalid, not unfinished, and are emitted as is.)
-            for j in range(1, min(_MAX_HELD_TOKENS, cut - self._read) + 1):
+            # (A character has at most 4 bytes, so at most 3 tokens of an unfinished one are here,
+            # not counting skipped special tokens between them; if no such cut exists the bytes
+            # are invalid, not unfinished, and are emitted as is.)
+            held = 0
+            for j in range(1, cut - self._read + 1):
+                held += self._window[-j] not in self._skipped
+                if held > _MAX_HELD_TOKENS:
+                    break
                 head, tail = self._decode(self._window[:-j]), self._decode(self._window[-j:])
                 if tail.endswith("\ufffd") and head + tail == new_text:
                     cut, new_text = cut - j, head

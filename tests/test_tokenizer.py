@@ -278,6 +278,14 @@ def test_detokenizer_holds_split_characters(tiny):
     assert detok.text == "a😀b"
 
 
+def test_detokenizer_holds_characters_split_by_skipped_special_tokens(tiny):
+    # f1 <|endoftext|> 80 80 | 80: a 4-byte character whose bytes straddle a skipped control
+    # token and a step boundary (found by the property test below).
+    ids = byte_ids(tiny, "ࠀ") + [4 + 0xF1, 0, 4 + 0x80, 4 + 0x80, 4 + 0x80, 4 + 0x80]
+    deltas = stream(IncrementalDetokenizer(tiny, []), ids, [len(ids) - 2])
+    assert "".join(deltas) == tiny.decode(ids) == "ࠀ\U00040000\ufffd"
+
+
 def test_detokenizer_uses_prompt_context(tiny):
     prompt = tiny.encode("say the")
     detok = IncrementalDetokenizer(tiny, prompt)
