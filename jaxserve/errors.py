@@ -24,3 +24,11 @@ class UnsupportedArchitectureError(JaxserveError, ValueError):
 
 class ModelFetchError(JaxserveError, RuntimeError):
     """The default model could not be downloaded; the message says how to place it by hand."""
+
+
+class TokenizerError(JaxserveError, ValueError):
+    """Tokenizer metadata (GGUF keys, tokenizer files) that jaxserve cannot turn into a tokenizer."""
+
+
+class ChatTemplateError(JaxserveError, ValueError):
+    """Bad chat messages, a model without a chat template, or a template that refused the input."""
