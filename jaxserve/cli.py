@@ -16,7 +16,8 @@ import sys
 
 def _engine_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--model", default=None, help="HF folder, .gguf file, or orbax folder from "
+                   "`jaxserve convert` (default: SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--max-model-len", type=int, default=None)
     # One conversation at a time: few shape buckets to compile (5 with these defaults).
