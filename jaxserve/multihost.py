@@ -15,8 +15,9 @@ tokenizer and outputs live on process 0 only. Each step, process 0's runner pack
 `StepInputs` (host numpy: tokens, attention metadata, sampling tensors, drawn seeds included)
 into bytes and broadcasts them with `multihost_utils.broadcast_one_to_all` (a fixed-size
 header, then the payload padded to a power of two, so only a few shapes ever compile); every
-process then runs the same compiled programs on the same batch, as SPMD requires. A `None`
-step tells the workers to stop. The payload is `np.savez` without pickle.
+process then runs the same compiled programs on the same batch, as SPMD requires. The header
+also says "stop" (`stop_workers`) or "keepalive" (sent by an idle server, see `keepalive`). The
+payload is `np.savez` without pickle.
 """
 
 from __future__ import annotations
@@ -65,38 +66,53 @@ def run_worker(engine) -> int:
         raise RuntimeError("run_worker is for processes other than 0; process 0 drives the engine")
     steps = 0
     while (inputs := _receive()) is not None:
-        engine.runner.run(inputs)
-        steps += 1
+        if inputs is not _KEEPALIVE:
+            engine.runner.run(inputs)
+            steps += 1
     return steps
 
 
 def stop_workers(engine) -> None:
     """On process 0: tell the workers to return from run_worker."""
     if jax.process_count() > 1 and is_leader():
-        _send(None)
+        _broadcast_bytes(b"", _STOP)
 
 
-def _send(inputs: StepInputs | None) -> None:
-    payload = b"" if inputs is None else pack(inputs)
-    _broadcast_bytes(payload, len(payload), inputs is None)
+def keepalive() -> None:
+    """On process 0, while idle: a message the workers skip. Gloo fails a collective that waits
+    more than 30 minutes (measured: "Timed out waiting 1800000ms"), so a server with no traffic
+    for that long would lose its workers without these."""
+    if jax.process_count() > 1 and is_leader():
+        _broadcast_bytes(b"", _KEEPALIVE_KIND)
 
 
-def _receive() -> StepInputs | None:
-    payload = _broadcast_bytes(b"", 0, False)
-    return None if payload is None else unpack(payload)
+_STEP, _STOP, _KEEPALIVE_KIND = 0, 1, 2  # message kinds, sent in the header
+_KEEPALIVE = object()  # what _receive returns for a keepalive
 
 
-def _broadcast_bytes(payload: bytes, size: int, stop: bool) -> bytes | None:
+def _send(inputs: StepInputs) -> None:
+    _broadcast_bytes(pack(inputs), _STEP)
+
+
+def _receive():
+    """The next StepInputs, _KEEPALIVE, or None (stop)."""
+    kind, payload = _broadcast_bytes(b"", _STEP)
+    return None if kind == _STOP else _KEEPALIVE if kind == _KEEPALIVE_KIND else unpack(payload)
+
+
+def _broadcast_bytes(payload: bytes, kind: int) -> tuple[int, bytes]:
+    """Process 0's (kind, payload) on every process: a fixed-size header, then the payload
+    padded to a power of two (so only a few shapes ever compile)."""
     from jax.experimental import multihost_utils
 
-    header = multihost_utils.broadcast_one_to_all(np.array([size, int(stop)], np.int64))
-    size, stop = int(header[0]), bool(header[1])
-    if stop:
-        return None
+    header = multihost_utils.broadcast_one_to_all(np.array([len(payload), kind], np.int64))
+    size, kind = int(header[0]), int(header[1])
+    if kind != _STEP:
+        return kind, b""
     padded = max(_MIN_PAYLOAD, 1 << (size - 1).bit_length())
     buf = np.zeros(padded, np.uint8)
     buf[:len(payload)] = np.frombuffer(payload, np.uint8)
-    return np.asarray(multihost_utils.broadcast_one_to_all(buf))[:size].tobytes()
+    return kind, np.asarray(multihost_utils.broadcast_one_to_all(buf))[:size].tobytes()
 
 
 def _fields(cls) -> tuple[list[str], list[str]]:

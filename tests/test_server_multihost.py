@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 
@@ -23,7 +24,10 @@ PROMPTS = ["Hello there, my friend", "The sea is", "One two three four five six 
 
 def test_two_process_server_equals_one_process(hf_folder):  # noqa: F811
     coordinator = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    # Keepalives every 0.2 s, so that idle gaps put many between the steps: they must keep the
+    # two processes' collectives in step (gloo fails a collective left waiting for 30 minutes).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               JAXSERVE_KEEPALIVE_S="0.2")
     common = ("--model", str(hf_folder), "--tensor-parallel-size", "4", "--num-processes", "2",
               "--coordinator-address", coordinator, *ENGINE_ARGS)
     worker = subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "serve", "--process-id", "1",
@@ -31,9 +35,12 @@ def test_two_process_server_equals_one_process(hf_folder):  # noqa: F811
                               text=True, env=env)
     try:
         with process_server("--process-id", "0", *common, env=env, start_timeout=300) as (url, leader):
-            got = [httpx.post(f"{url}/v1/completions", timeout=120, json={
-                "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True}).json()
-                ["choices"][0]["text"] for p in PROMPTS]
+            got = []
+            for p in PROMPTS:
+                time.sleep(1.5)  # idle: keepalives go out
+                got.append(httpx.post(f"{url}/v1/completions", timeout=120, json={
+                    "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True}).json()
+                    ["choices"][0]["text"])
             leader.send_signal(signal.SIGTERM)
             assert leader.wait(60) == 0, "".join(leader.log)
         log = worker.communicate(timeout=60)[0]

@@ -38,10 +38,13 @@ def default_model_name(engine) -> str:
 def make_app(engine, *, model_name: str | None = None, api_key: str | None = None,
              limits: ServerLimits | None = None):
     """(asgi app, AsyncEngine) over an Engine; the engine loop is started."""
+    import os
+
     name = model_name or default_model_name(engine)
     limits = limits or ServerLimits()
     async_engine = AsyncEngine(engine, ServerMetrics(name),
-                               max_waiting_requests=limits.max_waiting_requests)
+                               max_waiting_requests=limits.max_waiting_requests,
+                               keepalive_seconds=float(os.environ.get("JAXSERVE_KEEPALIVE_S", 60)))
     async_engine.start()
     return build_app(async_engine, model_name=name, limits=limits, api_key=api_key), async_engine
 

@@ -86,8 +86,11 @@ class Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics=None, *, max_waiting_requests: int = 256):
+    def __init__(self, engine: Engine, metrics=None, *, max_waiting_requests: int = 256,
+                 keepalive_seconds: float = 60.0):
         self.engine = engine
+        # Served from several processes, an idle loop pings the workers this often (multihost).
+        self.keepalive_seconds = keepalive_seconds
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -188,13 +191,20 @@ class AsyncEngine:
     # -- the engine thread ----------------------------------------------------------------------
 
     def _run(self):
+        from jaxserve import multihost
+
+        last_step = time.monotonic()
         try:
             while not self._stopping:
                 self._apply_inbox()
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(0.5)
                     self._wake.clear()
+                    if time.monotonic() - last_step > self.keepalive_seconds:
+                        multihost.keepalive()  # a no-op for one process
+                        last_step = time.monotonic()
                     continue
+                last_step = time.monotonic()
                 preempted = self.engine.num_preemptions
                 outputs = self.engine.step()
                 if self.metrics is not None:
