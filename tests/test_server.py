@@ -184,8 +184,10 @@ def test_concurrent_streams_with_disconnects_leave_nothing_behind(server, client
     aborted_before = metrics(client).get('jaxserve:request_success_total{finished_reason="abort",model_name="tiny"}', 0)
 
     async def one(i: int, leave: bool):
-        body = {"prompt": f"Request number {i} says", "max_tokens": 40 + i % 5, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        # Clients that leave ask for 200 tokens: far from done after their third chunk.
+        body = {"prompt": f"Request number {i} says", "max_tokens": 200 if leave else 40 + i % 5,
+                "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=300) as c:
             async with c.stream("POST", "/v1/completions", json=body) as r:
                 lines = []
@@ -224,15 +226,25 @@ def test_concurrent_streams_with_disconnects_leave_nothing_behind(server, client
     assert m["jaxserve:time_to_first_token_seconds_count"] >= 32
 
 
-def test_non_streaming_client_that_leaves_is_aborted(server, client):
+def test_non_streaming_client_that_leaves_is_aborted(server, client, monkeypatch):
     url, engine = server
+    step = engine.engine.step
+
+    def slow_step():  # 200 tokens take >= 4 s: the client leaves long before they are done
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
+    aborted = 'jaxserve:request_success_total{finished_reason="abort",model_name="tiny"}'
+    before = metrics(client).get(aborted, 0)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=0.5,
+        httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=1.0,
                    json={"prompt": "Long", "max_tokens": 200, "ignore_eos": True})
     deadline = time.monotonic() + 30
     while engine.engine.num_unfinished_requests and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert engine.engine.num_unfinished_requests == 0
+    assert metrics(client)[aborted] == before + 1
 
 
 def test_schema_fuzzing_never_5xx(server):

@@ -130,19 +130,23 @@ def test_sigterm_drains_and_exits(served):
     --shutdown-timeout 3) with finish_reason "abort" and [DONE]; new requests get 503; the
     process exits."""
     url, proc = served
-    results = {}
+    results, started = {}, [threading.Event() for _ in range(3)]
 
     def stream(i):
-        body = {"prompt": f"Count to a thousand: {i}", "max_tokens": 400, "ignore_eos": True,
+        body = {"prompt": f"Count to a thousand: {i}", "max_tokens": 480, "ignore_eos": True,
                 "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body,
                           headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
-            results[i] = [line for line in r.iter_lines() if line]
+            results[i] = []
+            for line in r.iter_lines():
+                if line:
+                    results[i].append(line)
+                    started[i].set()
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    time.sleep(3)
+    assert all(e.wait(120) for e in started)  # all three are generating
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
