@@ -149,11 +149,12 @@ def test_sigterm_drains_and_exits(served):
     assert all(e.wait(120) for e in started)  # all three are generating
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    while httpx.get(f"{url}/health", timeout=10).status_code == 200:  # the drain has begun
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.05)
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "x"},
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
-    assert httpx.get(f"{url}/health", timeout=10).status_code == 503
     assert proc.wait(timeout=30) == 0
     assert time.monotonic() - t0 < 25
     for t in threads:
