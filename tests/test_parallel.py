@@ -176,3 +176,33 @@ def test_default_model_tp3_equals_tp1(smol_checkpoint, smol_tokenizer):
         del engine
     assert outs[1] == outs[0]
     assert "Paris" in smol_tokenizer.decode(outs[0]["0"])
+
+
+def test_vocab_that_does_not_divide_and_prompt_logprobs(smol_tokenizer):
+    """A vocabulary of 49155 (odd) at tp 2 stays whole on every device (embedding and head
+    replicated); greedy outputs, logits and prompt log-probs equal one device's."""
+    config = ModelConfig.from_hf(dict(TINY, vocab_size=49155, num_attention_heads=8,
+                                      num_key_value_heads=2))
+    params = init_params(config, jax.random.PRNGKey(7), jnp.float32, scale=0.5)
+    one, two = (Engine.from_components(dataclasses.replace(ENGINE, tensor_parallel_size=tp), config,
+                                       params, smol_tokenizer) for tp in (1, 2))
+    assert two.runner.params["embed"].sharding.spec == jax.sharding.PartitionSpec(None, None)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=3)
+
+    def run(engine):
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(str(i), p, params)
+        outs = {}
+        while engine.has_unfinished_requests():
+            outs.update({o.request_id: o for o in engine.step() if o.finished})
+        return outs
+
+    a, b = run(one), run(two)
+    for rid in a:
+        assert a[rid].outputs[0].token_ids == b[rid].outputs[0].token_ids
+        pa, pb = a[rid].prompt_logprobs, b[rid].prompt_logprobs
+        assert len(pa) == len(pb) == len(a[rid].prompt_token_ids) and pa[0] is pb[0] is None
+        for x, y in zip(pa[1:], pb[1:]):
+            assert x.keys() == y.keys()  # the same top-3 and prompt token at each position
+            assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 and x[t].rank == y[t].rank for t in x)
+    np.testing.assert_allclose(batch_logits(two), batch_logits(one), atol=1e-4, rtol=1e-4)
