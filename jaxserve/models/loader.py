@@ -38,6 +38,7 @@ class LoadedCheckpoint:
     params: dict
     source: Path
     gguf_metadata: dict | None = None  # GGUF key/values (tokenizer, chat template), GGUF only
+    hf_config: dict | None = None  # the config.json-style dict `config` was built from
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -143,10 +144,13 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> LoadedCheckpo
                                             f"the config implies {tuple(shape)}")
             return g.tensors[name]
 
-        return LoadedCheckpoint(config, params_from_hf(config, get, dtype), path, g.metadata)
+        return LoadedCheckpoint(config, params_from_hf(config, get, dtype), path, g.metadata,
+                                g.hf_config)
     if path.is_dir():
-        config = ModelConfig.from_hf(load_hf_config(path))
+        hf_config = load_hf_config(path)
+        config = ModelConfig.from_hf(hf_config)
         folder = SafetensorsFolder(path)
-        return LoadedCheckpoint(config, params_from_hf(config, folder.get, dtype), path)
+        return LoadedCheckpoint(config, params_from_hf(config, folder.get, dtype), path,
+                                hf_config=hf_config)
     raise CheckpointError(path, "not a checkpoint: expected an HF folder (config.json + "
                                 "*.safetensors) or a .gguf file")

@@ -62,13 +62,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float3
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(dst, "destination exists and is not empty; choose a new folder")
     ckpt = load_checkpoint(src, dtype=jnp.dtype(dtype))
+    hf_config, tokenizer = ckpt.hf_config, None
     if ckpt.gguf_metadata is not None:
-        from jaxserve.models.gguf import read_gguf
-
-        hf_config = read_gguf(src).hf_config
         tokenizer = {k: v for k, v in ckpt.gguf_metadata.items() if k.startswith("tokenizer.")}
-    else:
-        hf_config, tokenizer = load_hf_config(src), None
     dst.mkdir(parents=True, exist_ok=True)
     try:
         with ocp.StandardCheckpointer() as saver:
@@ -105,7 +101,8 @@ def restore(path: str | os.PathLike, mesh: jax.sharding.Mesh,
     if marker.get("format") != FORMAT_VERSION:
         raise CheckpointError(path, f"orbax checkpoint format {marker.get('format')!r}; this "
                                     f"jaxserve reads format {FORMAT_VERSION}")
-    config = ModelConfig.from_hf(load_hf_config(path))
+    hf_config = load_hf_config(path)
+    config = ModelConfig.from_hf(hf_config)
     parallel.check_mesh(config, mesh)
     shardings = parallel.param_shardings(config, mesh)  # checkpoint layout: KV heads as stored
     target = jax.tree_util.tree_map(
@@ -120,7 +117,7 @@ def restore(path: str | os.PathLike, mesh: jax.sharding.Mesh,
     meta = None
     if marker.get("tokenizer") == "gguf":
         meta = json.loads((path / GGUF_TOKENIZER).read_text())
-    return LoadedCheckpoint(config, params, path, meta)
+    return LoadedCheckpoint(config, params, path, meta, hf_config)
 
 
 def _to_lists(params: dict) -> dict:
