@@ -170,6 +170,14 @@ def test_completion_batch_echo_logprobs_and_stop(client, smol_tokenizer):
     echo = client.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 6,
                                                 "temperature": 0, "echo": True}).json()
     assert echo["choices"][0]["text"] == "Once upon" + r["choices"][0]["text"]
+    echo_lp = client.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 6,
+                                                   "temperature": 0, "echo": True, "logprobs": 1}).json()
+    lp = echo_lp["choices"][0]["logprobs"]
+    n_prompt_tokens = len(smol_tokenizer.encode("Once upon", add_special_tokens=True))
+    assert "".join(lp["tokens"]) == echo_lp["choices"][0]["text"] == echo["choices"][0]["text"]
+    assert len(lp["tokens"]) == n_prompt_tokens + 6 and lp["token_logprobs"][0] is None
+    assert lp["top_logprobs"][0] is None and all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:j])) for j in range(len(lp["tokens"]))]
     stop_at = r["choices"][0]["text"][3:6]
     stopped = client.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 6,
                                                    "temperature": 0, "stop": [stop_at]}).json()

@@ -12,6 +12,7 @@ requests get 503, running ones get `shutdown_timeout` seconds to finish, the res
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -38,8 +39,6 @@ def default_model_name(engine) -> str:
 def make_app(engine, *, model_name: str | None = None, api_key: str | None = None,
              limits: ServerLimits | None = None):
     """(asgi app, AsyncEngine) over an Engine; the engine loop is started."""
-    import os
-
     name = model_name or default_model_name(engine)
     limits = limits or ServerLimits()
     async_engine = AsyncEngine(engine, ServerMetrics(name),

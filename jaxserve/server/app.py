@@ -10,6 +10,7 @@ a missing or wrong API key 401, a body over the cap 413, a full queue or a serve
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import re
 import uuid
@@ -39,8 +40,6 @@ def build_app(engine: AsyncEngine, *, model_name: str, limits: ServerLimits | No
               api_key: str | None = None) -> FastAPI:
     limits = limits or ServerLimits(max_waiting_requests=engine.max_waiting_requests)
     if limits.max_tokens is None:
-        import dataclasses
-
         limits = dataclasses.replace(limits, max_tokens=engine.engine.max_model_len)
     serving = OpenAIServing(engine, model_name, limits)
     app = FastAPI(title="jaxserve", version="0.1", summary="OpenAI-compatible LLM server on JAX")

@@ -155,11 +155,11 @@ class AsyncEngine:
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def submit(self, prompts: Sequence[tuple[list[int], SamplingParams]],
-                     ) -> Stream:
+    async def submit(self, prompts: Sequence[tuple[list[int], SamplingParams]]) -> Stream:
         """Admit prompts (token ids, params) as one unit; their outputs come from the returned
-        Stream, which aborts what has not finished when closed. Raises EngineUnavailableError (server busy) or the
-        engine's ValueError (a prompt that can never run)."""
+        Stream, which aborts what has not finished when closed. Raises EngineUnavailableError
+        (server busy, shutting down, loop dead) or the engine's ValueError (a prompt that can
+        never run)."""
         if self.draining:
             raise EngineUnavailableError("the server is shutting down")
         if not self.alive:
@@ -173,6 +173,8 @@ class AsyncEngine:
         admitted = concurrent.futures.Future()
         self._count_pending(len(prompts))
         self._post(("add", ids, list(prompts), time.time(), loop, outq, admitted))
+        if self.error is not None:  # the loop died after the check above: nobody will admit it
+            self._fail_inbox()
         try:
             await asyncio.wrap_future(admitted)  # raises what add_request raised
         except asyncio.CancelledError:  # the client left before admission
@@ -215,9 +217,23 @@ class AsyncEngine:
             log.exception("the engine loop died")
             self.error = e
             for t in self._tracked.values():
-                t.loop.call_soon_threadsafe(t.out.put_nowait, EngineUnavailableError(
-                    f"the engine loop died: {e!r}"))
+                self._push(t, EngineUnavailableError(f"the engine loop died: {e!r}"))
             self._tracked.clear()
+            self._fail_inbox()
+
+    def _fail_inbox(self):
+        """After the loop died: refuse the submissions still waiting for admission."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "add":
+                self._count_pending(-len(item[2]))
+                item[-1].set_exception(EngineUnavailableError(
+                    f"the engine loop is not running ({self.error!r})"))
+            elif item[0] == "abort_all":
+                item[1].set_result(None)
 
     def _apply_inbox(self):
         while True:

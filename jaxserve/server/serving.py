@@ -175,7 +175,6 @@ class _Format:
         self.num_prompt_tokens = num_prompt_tokens
         self.include_usage = body.include_usage
         self.completion_tokens: dict[int, int] = {}
-        self.decode = lambda t: serving.tokenizer.decode([t], skip_special_tokens=False)
 
     def usage(self) -> dict:
         out = sum(self.completion_tokens.values())
@@ -207,46 +206,52 @@ class _CompletionFormat(_Format):
 
     def __init__(self, serving, body: CompletionRequest, prompts):
         super().__init__(serving, body, sum(len(ids) for _, ids in prompts))
-        self.prompts = prompts
         self.wants_token_chunks = body.logprobs is not None
+        self.prompts = prompts
+        self.echo = [""] * len(prompts)  # per prompt, filled once the engine accepted the ids
 
-    def _echo(self, prompt_index: int) -> str:
-        text, ids = self.prompts[prompt_index]
-        return text if text is not None else self.serving.tokenizer.decode(ids, skip_special_tokens=False)
+    def _echo_text(self, prompt: int) -> str:
+        if self.body.echo and not self.echo[prompt]:
+            text, ids = self.prompts[prompt]
+            self.echo[prompt] = text if text is not None else self.serving.tokenizer.decode(
+                ids, skip_special_tokens=False)
+        return self.echo[prompt]
 
-    def _logprobs(self, c: CompletionOutput, start: int, offset: int, out: RequestOutput | None):
-        """OpenAI's legacy shape for tokens [start:], text offsets counted from `offset`."""
+    def _logprobs(self, c: CompletionOutput, start: int, offset: int, prompt: int | None,
+                  out: RequestOutput):
+        """OpenAI's legacy shape for tokens [start:], text offsets counted from `offset`; with
+        `prompt` (echo), prompt number `prompt`'s tokens first."""
         k = self.body.logprobs
         positions = list(zip(c.token_ids[start:], (c.logprobs or [])[start:]))
-        if out is not None and out.prompt_logprobs is not None:  # echo: the prompt's first
+        if prompt is not None and out.prompt_logprobs is not None:
             positions = list(zip(out.prompt_token_ids, out.prompt_logprobs)) + positions
             offset = 0
         res = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token, lps in positions:
-            s = self.decode(token)
+            if lps is None:  # the first prompt token: no log-prob, and its text to decode
+                s = self.serving.tokenizer.decode([token], skip_special_tokens=False)
+                value, top = None, None
+            else:
+                s, value = lps[token].decoded_token, lps[token].logprob
+                best = sorted(lps.values(), key=lambda lp: lp.rank or 1 << 30)[:k]
+                top = {lp.decoded_token: lp.logprob for lp in best} | {s: value}
             res["tokens"].append(s)
             res["text_offset"].append(offset)
+            res["token_logprobs"].append(value)
+            res["top_logprobs"].append(top)
             offset += len(s)
-            if lps is None:  # the first prompt token has no log-prob
-                res["token_logprobs"].append(None)
-                res["top_logprobs"].append(None)
-                continue
-            res["token_logprobs"].append(lps[token].logprob)
-            top = sorted(lps.items(), key=lambda kv: kv[1].rank or 1 << 30)[:max(k, 1)]
-            res["top_logprobs"].append({self.decode(t): lp.logprob for t, lp in top if k} |
-                                       {s: lps[token].logprob})
         return res
 
     def _choice(self, i: int, c: CompletionOutput, chars: int, tokens: int, out):
         """Choice i from character `chars` and token `tokens` of its output on (0: all of it,
         with the prompt in front when echo is set)."""
-        echo = self._echo(i // self.body.n) if self.body.echo else ""
+        prompt = i // self.body.n
+        echo = self._echo_text(prompt)
         prefix = echo if chars == tokens == 0 else ""
         self.count(i, c)
         logprobs = None
         if self.body.logprobs is not None:
-            logprobs = self._logprobs(c, tokens, len(echo) + chars,
-                                      out if prefix and self.body.echo else None)
+            logprobs = self._logprobs(c, tokens, len(echo) + chars, prompt if prefix else None, out)
         return {"index": i, "text": prefix + c.text[chars:], "logprobs": logprobs,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
@@ -273,13 +278,10 @@ class _ChatFormat(_Format):
         k = self.body.top_logprobs or 0
         content = []
         for token, lps in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
-            s = self.decode(token)
-            top = sorted(((t, lp) for t, lp in lps.items() if lp.rank is not None and lp.rank <= k),
-                         key=lambda kv: kv[1].rank)
-            content.append({"token": s, "logprob": lps[token].logprob, "bytes": list(s.encode()),
-                            "top_logprobs": [{"token": self.decode(t), "logprob": lp.logprob,
-                                              "bytes": list(self.decode(t).encode())}
-                                             for t, lp in top]})
+            top = sorted((lp for lp in lps.values() if lp.rank is not None and lp.rank <= k),
+                         key=lambda lp: lp.rank)
+            content.append({**_chat_logprob(lps[token]),
+                            "top_logprobs": [_chat_logprob(lp) for lp in top]})
         return {"content": content}
 
     def response(self, finals) -> dict:
@@ -303,3 +305,8 @@ class _ChatFormat(_Format):
         return self.envelope([{"index": i, "delta": d, "logprobs": self._logprobs(c, tokens),
                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
                              self.chunk_object)
+
+
+def _chat_logprob(lp) -> dict:
+    return {"token": lp.decoded_token, "logprob": lp.logprob,
+            "bytes": list(lp.decoded_token.encode())}
