@@ -38,9 +38,8 @@ process 0 broadcasts the `StepInputs` and every process runs the same step (mult
 from __future__ import annotations
 
 import dataclasses
-import time
-
 import functools
+import time
 
 import jax
 import jax.numpy as jnp

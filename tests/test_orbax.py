@@ -10,7 +10,6 @@ import pytest
 from safetensors.numpy import save_file
 
 from jaxserve.cli import main as cli
-from jaxserve.config import EngineConfig
 from jaxserve.engine import Engine
 from jaxserve.errors import CheckpointError
 from jaxserve.models.orbax import convert, restore
