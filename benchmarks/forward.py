@@ -16,11 +16,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.kernels import build_metadata, num_query_blocks, write_kv
 from jaxserve.models import llama
-from jaxserve.models.params import init_params
+from jaxserve.kernels.storage import storage_dtype
 
 SMOLLM2_135M = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
                     intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -34,9 +35,8 @@ def load(dtype, random_weights):
         from jaxserve.models.loader import load_checkpoint
 
         ckpt = load_checkpoint(default_model_path(), dtype=dtype)
-        return ckpt.config, ckpt.params
-    config = ModelConfig.from_hf(SMOLLM2_135M)
-    return config, init_params(config, jax.random.PRNGKey(0), dtype)
+        return ckpt.model
+    return llama.init_model(ModelConfig.from_hf(SMOLLM2_135M), 0, dtype)
 
 
 def time_step(fwd, write, params, kv, ids, md, logits_indices, repeats):
@@ -53,10 +53,12 @@ def time_step(fwd, write, params, kv, ids, md, logits_indices, repeats):
 
 def run(dtype_name, batch, context, prompt, page_size, random_weights, repeats, extra_pages):
     dtype = jnp.dtype(dtype_name)
-    config, params = load(dtype, random_weights)
+    model = load(dtype, random_weights)
+    config, (graphdef, params) = model.config, nnx.split(model)  # split once: arrays cross jit
+    cache_dtype = storage_dtype(dtype, jax.default_backend())
     pages_per_req = -(-max(context, prompt) // page_size)
     num_pages = batch * pages_per_req + 1 + extra_pages
-    fwd = jax.jit(lambda *a: llama.forward(*a, config=config))
+    fwd = jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a))
     write = jax.jit(write_kv, donate_argnums=0)
     rows = []
     # Prefill: one request, `prompt` tokens, query blocks of 32.
@@ -64,7 +66,7 @@ def run(dtype_name, batch, context, prompt, page_size, random_weights, repeats, 
                         page_size=page_size, num_tokens=prompt, num_requests=1,
                         num_pages_per_request=pages_per_req, num_blocks=num_query_blocks([prompt], 32),
                         query_block=32)
-    kv = llama.init_kv_cache(config, num_pages, page_size, dtype)
+    kv = llama.init_kv_cache(config, num_pages, page_size, cache_dtype)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, prompt), jnp.int32)
     first, t = time_step(fwd, write, params, kv, ids, md, jnp.asarray([prompt - 1]), repeats)
     rows.append((f"prefill {prompt}", dtype_name, first - t, t * 1e3, prompt / t))
@@ -73,7 +75,7 @@ def run(dtype_name, batch, context, prompt, page_size, random_weights, repeats, 
     md = build_metadata(query_lens=[1] * batch, kv_lens=[context] * batch, page_tables=tables,
                         page_size=page_size, num_tokens=batch, num_requests=batch,
                         num_pages_per_request=pages_per_req, num_blocks=batch, query_block=1)
-    kv = llama.init_kv_cache(config, num_pages, page_size, dtype)
+    kv = llama.init_kv_cache(config, num_pages, page_size, cache_dtype)
     ids = jnp.zeros(batch, jnp.int32)
     first, t = time_step(fwd, write, params, kv, ids, md, jnp.arange(batch), repeats)
     rows.append((f"decode B={batch} ctx={context}", dtype_name, first - t, t * 1e3, batch / t))

@@ -5,8 +5,9 @@ from the GGUF file, from an HF safetensors folder and from an orbax checkpoint.
 
 The safetensors folder and the orbax checkpoint are written from the GGUF once (into
 --workdir); each load is timed --repeat times in this process: the first run and the best
-(files in the page cache by then), float32. GGUF and safetensors load on the host and are then placed on the mesh
-(`parallel.shard_params`); orbax restores each array straight into its shardings.
+(files in the page cache by then), float32. Every path creates the model abstractly and puts
+each array straight into its sharding on the mesh (GGUF and safetensors a layer at a time from
+the host; orbax reads each device's slices).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import jax
+    from flax import nnx
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -63,19 +65,14 @@ def main() -> None:
     for tp in (int(x) for x in a.tp.split(",")):
         mesh = make_mesh(tp)
         rows = {
-            "gguf (dequantize Q4_1)": lambda: _host(load_checkpoint(gguf), mesh),
-            "safetensors": lambda: _host(load_checkpoint(folder), mesh),
-            "orbax": lambda: restore(orbax, mesh).params,
+            "gguf (dequantize Q4_1)": lambda: nnx.state(load_checkpoint(gguf, mesh=mesh).model),
+            "safetensors": lambda: nnx.state(load_checkpoint(folder, mesh=mesh).model),
+            "orbax": lambda: nnx.state(restore(orbax, mesh).model),
         }
         for name, load in rows.items():
             first, best = timed(load)
             print(f"tp={tp}  {name:24s} {first:6.2f} s / {best:6.2f} s")
 
-
-def _host(ckpt, mesh):
-    from jaxserve.parallel import shard_params
-
-    return shard_params(ckpt.params, ckpt.config, mesh)[0]
 
 
 if __name__ == "__main__":

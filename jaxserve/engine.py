@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxserve import multihost
-from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.config import EngineConfig
 from jaxserve.errors import JaxserveError
+from jaxserve.models.llama import LlamaModel
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.parallel import (ShardingError, check_mesh, make_mesh, sharded_model_config,
                                tensor_size)
@@ -108,28 +109,34 @@ class Engine:
             path = default_model_path()
         else:
             path = config.model
-        if is_orbax_checkpoint(path):  # restored straight into the mesh's shardings
-            mesh = mesh if mesh is not None else make_mesh(config.tensor_parallel_size)
+        mesh = mesh if mesh is not None else make_mesh(config.tensor_parallel_size)
+        if is_orbax_checkpoint(path):  # both load straight into the mesh's shardings
             ckpt = restore(path, mesh, dtype=jnp.dtype(config.dtype))
         else:
-            ckpt = load_checkpoint(path, dtype=jnp.dtype(config.dtype))
+            ckpt = load_checkpoint(path, dtype=jnp.dtype(config.dtype), mesh=mesh)
         if ckpt.gguf_metadata is not None:
             tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata)
         else:
             tokenizer = Tokenizer.from_dir(ckpt.source)
-        self._setup(config, ckpt.config, ckpt.params, tokenizer, progress, mesh)
+        self._setup(config, ckpt.model, tokenizer, progress, mesh)
 
     @classmethod
-    def from_components(cls, config: EngineConfig, model_config: ModelConfig, params,
-                        tokenizer: Tokenizer, *, progress: bool = False,
-                        mesh: Mesh | None = None) -> Engine:
-        """An engine over already-loaded parts (tests, notebooks experimenting with weights)."""
+    def from_components(cls, config: EngineConfig, model: LlamaModel, tokenizer: Tokenizer, *,
+                        progress: bool = False, mesh: Mesh | None = None) -> Engine:
+        """An engine over already-loaded parts (tests, notebooks experimenting with weights).
+        The engine runs its own copy of `model`'s parameters, placed on the mesh (`self.model`)."""
         self = cls.__new__(cls)
-        self._setup(config, model_config, params, tokenizer, progress, mesh)
+        self._setup(config, model, tokenizer, progress, mesh)
         return self
 
-    def _setup(self, config, model_config, params, tokenizer, progress, mesh=None):
+    @property
+    def model(self) -> LlamaModel:
+        """The live Flax model the engine runs (parameters on the mesh)."""
+        return self.runner.model
+
+    def _setup(self, config, model: LlamaModel, tokenizer, progress, mesh=None):
         enable_compilation_cache()
+        model_config = model.config
         self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
         self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                  model_config.max_position_embeddings)
@@ -146,7 +153,7 @@ class Engine:
             num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching))
-        self.runner = ModelRunner(model_config, params, dataclasses.replace(
+        self.runner = ModelRunner(model, dataclasses.replace(
             config, max_model_len=self.max_model_len), num_pages, mesh=mesh)
         multihost.attach(self.runner)  # several processes: process 0 broadcasts each step
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)

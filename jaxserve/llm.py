@@ -46,6 +46,13 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def model(self):
+        """The live Flax NNX model the engine runs, parameters on the mesh: render it with
+        `nnx.display(llm.model)` (treescope in a notebook), read or change its weights; the
+        next generate / chat / stream runs the weights as they are then."""
+        return self.engine.model
+
     # -- generate / chat -------------------------------------------------------------------------
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -97,6 +104,8 @@ class LLM:
                                                  **(kwargs or {}))
 
     def _add(self, prompt, params: SamplingParams) -> str:
+        if not self.engine.has_unfinished_requests():  # between calls: pick up weight edits
+            self.engine.runner.sync_weights()
         rid = str(next(self._ids))
         if isinstance(prompt, dict):
             prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))

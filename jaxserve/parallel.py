@@ -2,21 +2,22 @@
 
 Tensor parallelism over a `jax.sharding.Mesh` with a "tensor" axis (Megatron-style, as vLLM
 does it): attention heads and MLP width are split across devices, column-parallel on the way
-in (wqkv, w_gate_up split on their output axis) and row-parallel on the way out (wo, w_down
-split on their input axis, XLA adds the all-reduce); the vocabulary is split for the embedding
+in (qkv, gate_up split on their output axis) and row-parallel on the way out (o, down split
+on their input axis, XLA adds the all-reduce); the vocabulary is split for the embedding
 (masked local lookup + all-reduce, inserted by XLA) and for the head, so logits come out split
 on V. The KV cache `[P, S, K, E]` is split on K. Attention runs under `shard_map` (see
 `kernels.ragged_paged_attention(mesh=...)`), each device on its own heads and cache shard.
 
-Every parameter declares its logical axes once (`models/params.py`); `RULES` maps them to mesh
-axes, and a dimension that does not divide by the mesh axis is replicated instead (say an MLP
+Every parameter declares its logical axes once, as Flax sharding metadata on its `nnx.Param`
+(models/llama.py); `RULES` are the Flax logical axis rules that map them to mesh axes
+(`nnx.logical_axis_rules` + `nnx.get_partition_spec`), and a dimension that does not divide by the mesh axis is replicated instead (say an MLP
 width of 1000 at tp 16), since JAX needs even shards.
 
 KV heads that do not divide (K % tp != 0, e.g. 2 KV heads at tp 8, or SmolLM2's 3 at tp 2 if
 its 9 query heads allowed it) are replicated as vLLM does: each device holds the KV heads its
 query heads need. Concretely the KV heads are split into r "virtual" KV heads each serving G/r
 of the original G query heads, with r the smallest divisor of G such that K*r divides by tp
-(r = G always works when H divides by tp). wqkv `[D, K, G+2, E]` becomes `[D, K*r, G/r+2, E]`
+(r = G always works when H divides by tp). The qkv kernel `[D, K, G+2, E]` becomes `[D, K*r, G/r+2, E]`
 with the key and value columns copied r times, which keeps the query-head order (h = k*G + g)
 and so leaves wo and the attention code unchanged; the cache is `[P, S, K*r, E]`, split on K*r.
 Query heads that do not divide by tp are refused at start-up with the sizes that work.
@@ -33,22 +34,23 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxserve.config import ModelConfig
 from jaxserve.errors import JaxserveError
 from jaxserve.kernels import TENSOR  # the mesh axis of tensor parallelism, "tensor"
-from jaxserve.models.params import ParamSpec, param_specs
 
-# logical axis -> mesh axis (None: replicated). The one sharding table of jaxserve.
-RULES: dict[str, str | None] = {
-    "vocab": TENSOR,  # embedding rows and head columns
-    "heads": TENSOR,  # wo input (row-parallel)
-    "kv_heads": TENSOR,  # wqkv output, bqkv, the KV cache (column-parallel)
-    "mlp": TENSOR,  # w_gate_up output (column-parallel), w_down input (row-parallel)
-    "embed": None,  # the model width stays whole: hidden states are replicated
-    "head_dim": None,
-}
+# logical axis -> mesh axis (None: replicated): Flax logical axis rules, the one sharding table of
+# jaxserve. The modules declare their parameters' logical axes (`out_sharding` metadata).
+RULES: tuple[tuple[str, str | None], ...] = (
+    ("vocab", TENSOR),  # embedding rows and head columns
+    ("heads", TENSOR),  # o input (row-parallel)
+    ("kv_heads", TENSOR),  # qkv output, its bias, the KV cache (column-parallel)
+    ("mlp", TENSOR),  # gate_up output (column-parallel), down input (row-parallel)
+    ("embed", None),  # the model width stays whole: hidden states are replicated
+    ("head_dim", None),
+)
 KV_CACHE_AXES = (None, None, "kv_heads", "head_dim")  # [P, S, K, E]
 
 
@@ -105,36 +107,41 @@ def sharded_model_config(config: ModelConfig, tp: int) -> ModelConfig:
     return config if r == 1 else dataclasses.replace(config, num_kv_heads=config.num_kv_heads * r)
 
 
-def expand_kv_heads(layer: dict, config: ModelConfig, r: int) -> dict:
-    """One layer's wqkv [D, K, G+2, E] (and bqkv [K, G+2, E]) -> [D, K*r, G/r+2, E]."""
+def expand_kv_heads(w: jax.Array, config: ModelConfig, r: int) -> jax.Array:
+    """The qkv kernel [D, K, G+2, E] (or its bias [K, G+2, E]) -> [D, K*r, G/r+2, E]."""
     if r == 1:
-        return layer
+        return w
     g = config.group_size
-
-    def expand(w):  # [..., K, G+2, E]
-        *lead, k, _, e = w.shape
-        q = w[..., :g, :].reshape(*lead, k, r, g // r, e)
-        kv = jnp.broadcast_to(w[..., None, g:, :], (*lead, k, r, 2, e))
-        return jnp.concatenate([q, kv], axis=-2).reshape(*lead, k * r, g // r + 2, e)
-
-    return {n: expand(w) if n in ("wqkv", "bqkv") else w for n, w in layer.items()}
+    *lead, k, _, e = w.shape
+    q = w[..., :g, :].reshape(*lead, k, r, g // r, e)
+    kv = jnp.broadcast_to(w[..., None, g:, :], (*lead, k, r, 2, e))
+    return jnp.concatenate([q, kv], axis=-2).reshape(*lead, k * r, g // r + 2, e)
 
 
 def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """PartitionSpec of an array with these logical axes: RULES, replicated where not divisible."""
-    out = []
-    for name, dim in zip(axes, shape):
-        axis = RULES.get(name) if name else None
-        size = dict(mesh.shape).get(axis, 1) if axis else 1
-        out.append(axis if axis and size > 1 and dim % size == 0 else None)
+    """PartitionSpec of an array with these logical axes under RULES (Flax's logical-to-mesh
+    resolution), with any dimension that does not divide by its mesh axis replicated."""
+    with nnx.logical_axis_rules(RULES):
+        spec = nnx.get_partition_spec(nnx.Param(jax.ShapeDtypeStruct(shape, jnp.float32),
+                                                out_sharding=axes, eager_sharding=False))
+    return _divisible(spec.get_value(), shape, mesh)
+
+
+def _divisible(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    sizes = dict(mesh.shape)
+    out = [None if axis is None or sizes.get(axis, 1) == 1 or dim % sizes[axis] else axis
+           for axis, dim in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape)]
     return P(*out)
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
-    """NamedSharding for every parameter of `config` (its params pytree structure)."""
-    return jax.tree_util.tree_map(
-        lambda s: NamedSharding(mesh, spec_for(s.axes, s.shape, mesh)), param_specs(config),
-        is_leaf=lambda x: isinstance(x, ParamSpec))
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedSharding of every parameter in `state` (a model's, abstract or not), from each
+    Variable's logical axes (`out_sharding` metadata) and RULES."""
+    with nnx.logical_axis_rules(RULES):
+        specs = nnx.get_partition_spec(state)
+    return jax.tree.map(lambda v, x: v.replace(NamedSharding(mesh, _divisible(
+        v.get_value(), x.shape, mesh))), specs, state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def kv_sharding(config: ModelConfig, mesh: Mesh) -> NamedSharding:
@@ -156,18 +163,29 @@ def place(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> tuple[dict, ModelConfig]:
-    """(params laid out and placed for `mesh`, the config the sharded model runs)."""
+def shard_model(model, mesh: Mesh):
+    """(the model laid out and placed for `mesh`, the config it runs): each parameter put at
+    the sharding its logical axes give; KV heads that do not divide by the tensor axis expanded
+    into virtual heads first (a new model of the sharded config). `model` is left as it was."""
+    from jaxserve.models.llama import abstract_model
+
+    config = model.config
     check_mesh(config, mesh)
     tp = tensor_size(mesh)
     r = kv_head_replicas(config, tp)
     run_config = sharded_model_config(config, tp)
-    if r > 1:
-        params = dict(params, layers=tuple(expand_kv_heads(lp, config, r) for lp in params["layers"]))
-    shardings = param_shardings(run_config, mesh)
-    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(shardings):
-        raise ShardingError("the params pytree does not match the model config's parameters")
-    return jax.tree_util.tree_map(place, params, shardings), run_config
+    target = abstract_model(run_config, model.dtype)
+    shardings = dict(nnx.to_flat_state(state_shardings(nnx.state(target), mesh)))
+    values = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        x = var.get_value()
+        if path[-2] == "qkv":  # ("layers", i, "attn", "qkv", "kernel" | "bias")
+            x = expand_kv_heads(x, config, r)
+        values[path] = place(x, shardings[path].get_value())
+    from jaxserve.models.params import fill
+
+    fill(target, values)
+    return target, run_config
 
 
 def sharded_greedy(logits, banned, mesh: Mesh):
@@ -200,8 +218,8 @@ def sharded_greedy(logits, banned, mesh: Mesh):
 
 
 def describe_sharding(engine) -> str:
-    """A text table of how the engine's params and KV cache lie on its mesh: per array its
-    shape, PartitionSpec, per-device shard shape and bytes per device."""
+    """A text table of how the engine's parameters and KV cache lie on its mesh: per array its
+    shape, PartitionSpec, per-device shard shape and bytes per device (layers shown once)."""
     runner = engine.runner
     rows = [("array", "shape", "spec", "shard", "bytes/device")]
 
@@ -210,15 +228,16 @@ def describe_sharding(engine) -> str:
         rows.append((name, str(tuple(x.shape)), str(tuple(x.sharding.spec)), str(tuple(shard)),
                      _human(math.prod(shard) * x.dtype.itemsize)))
 
-    params = runner.params
-    for key in ("embed", "final_norm", "lm_head"):
-        if key in params:
-            add(key, params[key])
-    for name, x in params["layers"][0].items():
-        add(f"layers[*].{name}", x)
+    flat = [(path, var.get_value()) for path, var in nnx.to_flat_state(nnx.state(runner.model))]
+    for path, x in flat:
+        if path[0] != "layers":
+            add("/".join(map(str, path)), x)
+        elif path[1] == 0:
+            add("/".join(["layers/*", *map(str, path[2:])]), x)
     add("kv[*].k, kv[*].v", runner.kv[0][0])
-    total = sum(s.data.nbytes for x in jax.tree_util.tree_leaves((params, runner.kv))
-                for s in x.addressable_shards if s.device == x.addressable_shards[0].device)
+    arrays = [x for _, x in flat] + jax.tree_util.tree_leaves(runner.kv)
+    total = sum(s.data.nbytes for x in arrays for s in x.addressable_shards
+                if s.device == x.addressable_shards[0].device)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     mesh = runner.mesh
@@ -226,7 +245,7 @@ def describe_sharding(engine) -> str:
             f"devices; {runner.config.num_kv_heads} KV heads on the mesh "
             f"({engine.model_config.num_kv_heads} in the checkpoint)")
     return "\n".join([head, *lines, f"params + KV cache on one device: {_human(total)} "
-                      f"({len(runner.params['layers'])} layers)"])
+                      f"({len(runner.model.layers)} layers)"])
 
 
 def _human(n: int) -> str:

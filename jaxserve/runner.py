@@ -2,9 +2,9 @@
 
 Each step is a few compiled programs, dispatched back to back without waiting:
 
-    hidden         = embed[T](embed_table, token_ids)
-    hidden, new_kv = layers[bucket](layer_params, layer_kv, hidden, md)   # per group of layers
-    logits         = head[T, R](head_params, hidden, logits_indices)
+    hidden         = embed[T](embed_leaves, token_ids)
+    hidden, new_kv = layers[bucket](group_leaves, group_kv, hidden, md)   # per group of layers
+    logits         = head[T, R](head_leaves, embed_leaves, hidden, logits_indices)
     kv             = write[T](kv, new_kv, slot_mapping)                   # kv donated
     sampled        = sampler[R, flags](logits, sampling_tensors)
 
@@ -27,6 +27,13 @@ Buckets (`Bucket`): a step is padded to a token count T and a request count R.
 The page-table width is fixed at max_model_len / page_size: the attention loops only over the
 pages the longest request needs, so context length is no bucket dimension.
 
+Pure at the jit boundary: the Flax model is split once (`nnx.split` of the embedding, of each
+decoder layer and of the head) into a graph definition and a tuple of state leaves. The compiled
+programs take those leaves as plain arrays and `nnx.merge` the graph definition inside the
+trace, so no `nnx.Variable` crosses `jax.jit` per step. Every layer has the same graph
+definition, so one program serves every group. `sync_weights()` re-reads the leaves after the
+model's weights were changed in place (`LLM` calls it before each generate).
+
 Sharding (parallel.py): the runner owns a mesh (one device by default). Params and the KV cache
 are placed on it once; every program is compiled with its output shardings fixed (hidden
 replicated, new K/V and the cache split on KV heads, logits split on the vocabulary), so each
@@ -44,11 +51,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxserve import parallel
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.kernels import AttentionMetadata, build_metadata, write_kv
+from jaxserve.kernels.storage import storage_dtype
 from jaxserve.models import llama
 from jaxserve.sampling import (SamplerOutput, SamplingParams, SamplingTensors, sample,
                                token_logprobs)
@@ -97,6 +106,24 @@ class StepInputs:
     prompt_targets: np.ndarray | None  # [T] int32 next prompt token per position; None: no prompt logprobs
 
 
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """A module split once: its graph definition and the structure of its state leaves, merged
+    back into a module inside a trace."""
+
+    graphdef: nnx.GraphDef
+    treedef: jax.tree_util.PyTreeDef
+
+    @classmethod
+    def of(cls, module: nnx.Module) -> tuple[_Split, tuple[jax.Array, ...]]:
+        graphdef, state = nnx.split(module)
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        return cls(graphdef, treedef), tuple(leaves)
+
+    def merge(self, leaves):
+        return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self.treedef, leaves))
+
+
 def _powers_of_two(lo: int, hi: int) -> list[int]:
     out, b = [], lo
     while b < hi:
@@ -106,16 +133,17 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, params, engine: EngineConfig, num_pages: int, *,
+    def __init__(self, model: llama.LlamaModel, engine: EngineConfig, num_pages: int, *,
                  mesh: Mesh | None = None):
-        """`params` in the checkpoint layout (any placement); they are laid out and placed on
-        `mesh` (default: one device). `self.config` is the config the sharded model runs (more
-        KV heads where they are replicated, see parallel.py)."""
+        """`model` in the checkpoint layout (any placement); its parameters are laid out and
+        placed on `mesh` (default: one device) in a model of the runner's own (`self.model`,
+        the live model the programs run). `self.config` is the config the sharded model runs
+        (more KV heads where they are replicated, see parallel.py)."""
         self.mesh = parallel.make_mesh(1) if mesh is None else mesh
-        self.params, config = parallel.shard_params(params, config, self.mesh)
+        self.model, config = parallel.shard_model(model, self.mesh)
         self.config, self.engine = config, engine
         self.num_pages, self.page_size = num_pages, engine.page_size
-        self.kv_dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        self.kv_dtype = storage_dtype(self.model.dtype, self.mesh.devices.flat[0].platform)
         self._replicated = parallel.replicated(self.mesh)
         kv_sharding = parallel.kv_sharding(config, self.mesh)
         self.kv = jax.jit(lambda: llama.init_kv_cache(config, num_pages, engine.page_size,
@@ -129,19 +157,20 @@ class ModelRunner:
         self.token_buckets = _powers_of_two(min(16, engine.max_num_batched_tokens),
                                             engine.max_num_batched_tokens)
         self.layers_per_program = _group_size(config.num_layers, engine.layers_per_program)
-        g = self.layers_per_program
+        self._embed_def, self._layer_def, self._head_def = self.sync_weights()
+        embed_def, layer_def, head_def = self._embed_def, self._layer_def, self._head_def
         rep, mesh = self._replicated, self.mesh
-        self._embed = jax.jit(lambda table, ids: llama.embed({"embed": table}, ids),
-                              out_shardings=rep)
-        self._layers = jax.jit(lambda lp, lkv, h, md: llama.layers(
-            {"layers": lp}, lkv, h, md, config=config, first_layer=0, num_layers=g, mesh=mesh),
+
+        def head(head_leaves, embed_leaves, hidden, logits_indices):
+            return head_def.merge(head_leaves)(hidden, logits_indices, embed_def.merge(embed_leaves))
+
+        self._embed = jax.jit(lambda leaves, ids: embed_def.merge(leaves)(ids), out_shardings=rep)
+        self._layers = jax.jit(lambda group, lkv, h, md: llama.run_layers(
+            [layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh),
             out_shardings=(rep, new_kv_sharding))
-        self._head = jax.jit(lambda hp, h, li: llama.head(hp, h, li, config=config),
-                             out_shardings=logits_sharding)
-        self._head_params = {k: v for k, v in self.params.items() if k != "layers"}
-        self._prompt_logprobs = jax.jit(lambda hp, h, targets: token_logprobs(
-            llama.head(hp, h, jnp.arange(h.shape[0]), config=config), targets, NUM_TOP_LOGPROBS),
-            out_shardings=rep)
+        self._head = jax.jit(head, out_shardings=logits_sharding)
+        self._prompt_logprobs = jax.jit(lambda hl, el, h, targets: token_logprobs(
+            head(hl, el, h, jnp.arange(h.shape[0])), targets, NUM_TOP_LOGPROBS), out_shardings=rep)
         self._write = jax.jit(functools.partial(write_kv, mesh=mesh), donate_argnums=0,
                               out_shardings=kv_sharding)
         vocab_split = logits_sharding.spec[1] is not None
@@ -151,6 +180,33 @@ class ModelRunner:
         self.broadcast = None  # set by multihost.py on process 0 of several: sends StepInputs
         self._compiled: dict[tuple, object] = {}
         self.compile_seconds = 0.0
+
+    def sync_weights(self) -> tuple[_Split, _Split, _Split]:
+        """Read the model's parameters into the leaves the programs take (after a change to
+        `self.model`'s weights, e.g. in a notebook); returns the splits. Arrays are first put at
+        the sharding their logical axes give (a no-op for arrays already there). The structure
+        may not change: the programs were compiled for one graph definition of every layer."""
+        state = nnx.state(self.model)
+        if not hasattr(self, "_target_shardings"):
+            self._target_shardings = [v.get_value() for _, v in nnx.to_flat_state(
+                parallel.state_shardings(state, self.mesh))]
+        for (_, var), sharding in zip(nnx.to_flat_state(state), self._target_shardings, strict=True):
+            x = var.get_value()
+            if not isinstance(x, jax.Array) or x.sharding != sharding:
+                var.set_value(parallel.place(x, sharding))
+        nnx.update(self.model, state)
+        embed_def, self._embed_leaves = _Split.of(self.model.embed)
+        head_def, self._head_leaves = _Split.of(self.model.head)
+        layers = [_Split.of(layer) for layer in self.model.layers]
+        layer_def = layers[0][0]
+        if any(d != layer_def for d, _ in layers):
+            raise ValueError("every decoder layer must have the same graph definition")
+        self._layer_leaves = [leaves for _, leaves in layers]
+        splits = embed_def, layer_def, head_def
+        if hasattr(self, "_embed_def") and splits != (self._embed_def, self._layer_def,
+                                                       self._head_def):
+            raise ValueError("the model's structure changed since its programs were compiled")
+        return splits
 
     # -- buckets and compilation ------------------------------------------------------------
 
@@ -192,17 +248,16 @@ class ModelRunner:
 
     def _forward(self, b: Bucket, ids, md, logits_indices):
         """All layers over one padded batch: (logits [R, V], new_kv per layer, hidden [T, D])."""
-        hidden = self._program(("embed", b.num_tokens), self._embed, self.params["embed"], ids)(
-            self.params["embed"], ids)
+        el, hl = self._embed_leaves, self._head_leaves
+        hidden = self._program(("embed", b.num_tokens), self._embed, el, ids)(el, ids)
         g, new_kv = self.layers_per_program, []
         for first in range(0, self.config.num_layers, g):
-            lp, lkv = self.params["layers"][first:first + g], self.kv[first:first + g]
-            hidden, group_kv = self._program(("layers", b), self._layers, lp, lkv, hidden, md)(
-                lp, lkv, hidden, md)
+            group, lkv = tuple(self._layer_leaves[first:first + g]), self.kv[first:first + g]
+            hidden, group_kv = self._program(("layers", b), self._layers, group, lkv, hidden, md)(
+                group, lkv, hidden, md)
             new_kv.extend(group_kv)
         logits = self._program(("head", b.num_tokens, b.num_requests), self._head,
-                               self._head_params, hidden, logits_indices)(
-            self._head_params, hidden, logits_indices)
+                               hl, el, hidden, logits_indices)(hl, el, hidden, logits_indices)
         return logits, tuple(new_kv), hidden
 
     def warmup(self, progress: bool = True):
@@ -310,9 +365,9 @@ class ModelRunner:
         prompt_out = None
         if inputs.prompt_targets is not None:
             targets = self._put(inputs.prompt_targets)
+            hl, el = self._head_leaves, self._embed_leaves
             prompt_out = self._program(("prompt_logprobs", b.num_tokens), self._prompt_logprobs,
-                                       self._head_params, hidden, targets)(
-                self._head_params, hidden, targets)
+                                       hl, el, hidden, targets)(hl, el, hidden, targets)
         return res, prompt_out
 
     def _prompt_targets(self, b: Bucket, sched, sp: list[SamplingParams]):

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine import Engine
-from jaxserve.models.params import init_params
+from jaxserve.models.llama import init_model
 
 
 @pytest.fixture(scope="session")
@@ -53,15 +53,15 @@ TINY_ENGINE = EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_to
 def tiny_model():
     config = ModelConfig.from_hf(TINY)
     # Larger than init's default scale so that greedy outputs vary from token to token.
-    return config, init_params(config, jax.random.PRNGKey(0), jnp.float32, scale=0.5)
+    return init_model(config, jax.random.PRNGKey(0), jnp.float32, scale=0.5)
 
 
 @pytest.fixture(scope="session")
 def make_tiny_engine(tiny_model, smol_tokenizer):
     """tiny engine factory: a 2-layer random model behind SmolLM2's real tokenizer."""
 
-    def make(**overrides):
+    def make(model=None, **overrides):
         config = dataclasses.replace(TINY_ENGINE, **overrides)
-        return Engine.from_components(config, *tiny_model, smol_tokenizer)
+        return Engine.from_components(config, tiny_model if model is None else model, smol_tokenizer)
 
     return make

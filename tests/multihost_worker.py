@@ -26,7 +26,7 @@ def main(coordinator: str, process_id: int, tokenizer_dir: str) -> None:
     import jax
 
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    engine = Engine.from_components(config, *tiny(2), Tokenizer.from_dir(tokenizer_dir))
+    engine = Engine.from_components(config, tiny(2), Tokenizer.from_dir(tokenizer_dir))
     if multihost.is_leader():
         greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
         sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=6, ignore_eos=True)

@@ -6,20 +6,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxserve.kernels import build_metadata, num_query_blocks, write_kv
 from jaxserve.models import llama
 
 
 class PagedDriver:
-    def __init__(self, params, config, *, page_size=4, num_pages=64, dtype=jnp.float32, seed=0):
-        self.params, self.config, self.page_size = params, config, page_size
-        kv = llama.init_kv_cache(config, num_pages, page_size, dtype)
+    def __init__(self, model: llama.LlamaModel, *, page_size=4, num_pages=64, seed=0):
+        config = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self.config, self.page_size = config, page_size
+        kv = llama.init_kv_cache(config, num_pages, page_size, model.dtype)
         self.kv = jax.tree_util.tree_map(lambda a: jnp.full_like(a, jnp.nan), kv)
         self.free = list(np.random.default_rng(seed).permutation(np.arange(1, num_pages)))
         self.pages: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
-        self.fwd = jax.jit(llama.forward, static_argnames=("config",))
+        graphdef = self.graphdef
+        self.fwd = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
         self.write = jax.jit(write_kv, donate_argnums=(0,))
 
     def step(self, chunks: dict[int, list[int]], *, query_block=4, num_tokens=None):
@@ -42,8 +46,7 @@ class PagedDriver:
                             num_blocks=num_query_blocks(qlens, query_block) + 1, query_block=query_block)
         ids = np.zeros(t, np.int32)
         ids[: sum(qlens)] = np.concatenate([chunks[r] for r in rids])
-        logits, new_kv = self.fwd(self.params, self.kv, jnp.asarray(ids), md,
-                                  jnp.arange(sum(qlens)), config=self.config)
+        logits, new_kv = self.fwd(self.state, self.kv, jnp.asarray(ids), md, jnp.arange(sum(qlens)))
         self.kv = self.write(self.kv, new_kv, md.slot_mapping)
         logits = np.asarray(logits)
         out, start = {}, 0

@@ -48,7 +48,7 @@ def test_teacher_forced_logprobs_match_hf(smol_checkpoint, smol_tokenizer, hf_mo
     assert 250 <= len(ids) <= 512
     with torch.no_grad():
         ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), -1).numpy()
-    drv = PagedDriver(smol_checkpoint.params, smol_checkpoint.config, page_size=16, num_pages=64)
+    drv = PagedDriver(smol_checkpoint.model, page_size=16, num_pages=64)
     logits = np.concatenate([drv.step({0: ids[:200]}, query_block=16)[0],
                              drv.step({0: ids[200:]}, query_block=16)[0]])  # two chunks
     ours = logits - log_norm(logits)
@@ -68,7 +68,7 @@ def check_logprobs_close(ours, theirs, k=5):
 def test_engine_greedy_matches_hf_and_batch_equals_alone(smol_checkpoint, smol_tokenizer, hf_model):
     config = EngineConfig(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64,
                           decode_buckets=(1, 4), num_kv_pages=128)
-    engine = Engine.from_components(config, smol_checkpoint.config, smol_checkpoint.params,
+    engine = Engine.from_components(config, smol_checkpoint.model,
                                     smol_tokenizer)
     params = SamplingParams(temperature=0, max_tokens=32, logprobs=5)
     prompts = [smol_tokenizer.encode_chat(c) for c in CHATS]

@@ -137,7 +137,7 @@ def test_logprobs_are_log_softmax(engine, tiny_model):
     p = prompts(1, seed=7)[0]
     out = run(engine, [p], SamplingParams(temperature=0, max_tokens=5, logprobs=3,
                                           ignore_eos=True))["0"].outputs[0]
-    drv = PagedDriver(tiny_model[1], tiny_model[0], page_size=8, num_pages=64)
+    drv = PagedDriver(tiny_model, page_size=8, num_pages=64)
     logits = drv.step({0: p + out.token_ids[:-1]})[0][len(p) - 1:]
     logp = logits - log_norm(logits)
     tol = 1e-5 * np.abs(logits).max()  # float32 rounding, relative to the logits' scale
@@ -193,7 +193,7 @@ def test_prompt_logprobs_are_log_softmax(engine, tiny_model):
         engine.step()
     out = run(engine, [p], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2,
                                           ignore_eos=True))["0"]
-    drv = PagedDriver(tiny_model[1], tiny_model[0], page_size=8, num_pages=64)
+    drv = PagedDriver(tiny_model, page_size=8, num_pages=64)
     logits = drv.step({0: p})[0]
     logp = logits - log_norm(logits)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)

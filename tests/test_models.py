@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 import transformers
 
 from jaxserve.config import ModelConfig
@@ -56,7 +57,7 @@ def test_matches_transformers(kind, tmp_path):
         ref_a = hf(torch.tensor([a])).logits[0].numpy()
         ref_b = hf(torch.tensor([b])).logits[0].numpy()
 
-    drv = PagedDriver(ckpt.params, ckpt.config)
+    drv = PagedDriver(ckpt.model)
     got_a, got_b = [], []
     out = drv.step({0: a[:7]})  # first prefill chunk
     got_a.append(out[0])
@@ -118,7 +119,8 @@ def test_sharded_safetensors_folder(tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     one, sharded = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "sharded")
     assert one.config == sharded.config
-    for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(sharded.params)):
+    for a, b in zip(jax.tree_util.tree_leaves(nnx.state(one.model)),
+                    jax.tree_util.tree_leaves(nnx.state(sharded.model))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     (tmp_path / "sharded" / sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))[-1]).unlink()
     with pytest.raises(CheckpointError, match="missing shard"):

@@ -47,7 +47,7 @@ def test_two_processes_equal_one(smol_tokenizer, tmp_path):
                              if line.startswith("RESULT "))[len("RESULT "):])
     assert "WORKER ran" in logs[1]
 
-    one = Engine.from_components(ENGINE, *tiny(2), smol_tokenizer)
+    one = Engine.from_components(ENGINE, tiny(2), smol_tokenizer)
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=6, ignore_eos=True)
     assert result["greedy"] == {r: o.token_ids for r, o in generate(one, PROMPTS, greedy).items()}

@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxserve.cli import main as cli
@@ -58,7 +59,7 @@ def test_hf_round_trip_sharded(hf_folder, tmp_path):
     # Same params bit for bit, so the same logits bit for bit on one device; close at tp 4.
     assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-        source.runner.params, restored.runner.params)))
+        nnx.state(source.model), nnx.state(restored.model))))
     ref = batch_logits(source)
     np.testing.assert_array_equal(batch_logits(restored), ref)
     np.testing.assert_allclose(batch_logits(sharded), ref, rtol=1e-4, atol=1e-4)
@@ -66,7 +67,7 @@ def test_hf_round_trip_sharded(hf_folder, tmp_path):
     want = {r: o.token_ids for r, o in generate(source, PROMPTS, greedy).items()}
     assert {r: o.token_ids for r, o in generate(sharded, PROMPTS, greedy).items()} == want
     # Restored straight into the shardings: lm_head split on V, w_down on F.
-    lm_head = sharded.runner.params["lm_head"]
+    lm_head = sharded.model.head.lm_head.kernel
     assert tuple(lm_head.sharding.spec) == (None, "tensor")
     assert {s.data.shape for s in lm_head.addressable_shards} == {(64, 49152 // 4)}
     # The tokenizer and its chat template came along.
@@ -93,10 +94,10 @@ def test_gguf_round_trip(default_model_path, smol_checkpoint, smol_tokenizer, tm
     restored at tp 3 with each array on its shards."""
     dst = convert(default_model_path, tmp_path / "smol", dtype="float32")
     ckpt = restore(dst, make_mesh(3))
-    wqkv = ckpt.params["layers"][7]["wqkv"]  # [D, K=3, G+2, E]: split on K
+    wqkv = ckpt.model.layers[7].attn.qkv.kernel  # [D, K=3, G+2, E]: split on K
     assert {s.data.shape for s in wqkv.addressable_shards} == {(576, 1, 5, 64)}
-    for got, want in zip(jax.tree_util.tree_leaves(ckpt.params),
-                         jax.tree_util.tree_leaves(smol_checkpoint.params)):
+    for got, want in zip(jax.tree_util.tree_leaves(nnx.state(ckpt.model)),
+                         jax.tree_util.tree_leaves(nnx.state(smol_checkpoint.model))):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     engine_tokenizer = type(smol_tokenizer).from_gguf_metadata(ckpt.gguf_metadata)
     chat = [{"role": "user", "content": "What is the capital of France? 日本語 🙂"}]

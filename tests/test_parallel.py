@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine import Engine
-from jaxserve.models.params import init_params
+from jaxserve.models.llama import init_model
 from jaxserve.parallel import ShardingError, describe_sharding, make_mesh
 from jaxserve.sampling import SamplingParams
 from tests.conftest import TINY
@@ -24,7 +25,7 @@ PROMPTS = ["Hello there", "The sea is", list(range(100, 141))]  # the last one: 
 
 def tiny(num_kv_heads: int):
     config = ModelConfig.from_hf(dict(TINY, num_attention_heads=8, num_key_value_heads=num_kv_heads))
-    return config, init_params(config, jax.random.PRNGKey(num_kv_heads), jnp.float32, scale=0.5)
+    return init_model(config, jax.random.PRNGKey(num_kv_heads), jnp.float32, scale=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def engines(smol_tokenizer):
     def get(num_kv_heads: int, tp: int) -> Engine:
         if (num_kv_heads, tp) not in built:
             config = dataclasses.replace(ENGINE, tensor_parallel_size=tp)
-            built[num_kv_heads, tp] = Engine.from_components(config, *tiny(num_kv_heads),
+            built[num_kv_heads, tp] = Engine.from_components(config, tiny(num_kv_heads),
                                                              smol_tokenizer)
         return built[num_kv_heads, tp]
 
@@ -113,20 +114,21 @@ def test_arrays_carry_the_expected_sharding(engines, num_kv_heads, tp):
     g = h // k
     assert engine.runner.config.num_kv_heads == k
     t = "tensor"
-    expected = {  # name: (global shape, spec, per-device shard shape)
-        "embed": ((v, d), (t, None), (v // tp, d)),
-        "final_norm": ((d,), (None,), (d,)),
-        "attn_norm": ((d,), (None,), (d,)),
-        "wqkv": ((d, k, g + 2, e), (None, t, None, None), (d, k // tp, g + 2, e)),
-        "wo": ((h, e, d), (t, None, None), (h // tp, e, d)),
-        "mlp_norm": ((d,), (None,), (d,)),
-        "w_gate_up": ((d, 2, f), (None, None, t), (d, 2, f // tp)),
-        "w_down": ((f, d), (t, None), (f // tp, d)),
+    expected = {  # state path (layers: the rest of it): (global shape, spec, per-device shard)
+        "embed/embedding": ((v, d), (t, None), (v // tp, d)),
+        "head/norm/weight": ((d,), (None,), (d,)),
+        "attn_norm/weight": ((d,), (None,), (d,)),
+        "attn/qkv/kernel": ((d, k, g + 2, e), (None, t, None, None), (d, k // tp, g + 2, e)),
+        "attn/o/kernel": ((h, e, d), (t, None, None), (h // tp, e, d)),
+        "mlp_norm/weight": ((d,), (None,), (d,)),
+        "mlp/gate_up/kernel": ((d, 2, f), (None, None, t), (d, 2, f // tp)),
+        "mlp/down/kernel": ((f, d), (t, None), (f // tp, d)),
     }
-    params = engine.runner.params
-    arrays = {"embed": params["embed"], "final_norm": params["final_norm"]}
-    assert "lm_head" not in params  # tied embeddings
-    for layer in params["layers"]:
+    flat = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(engine.model))}
+    arrays = {"/".join(p): x for p, x in flat.items() if p[0] != "layers"}
+    assert arrays.keys() == {"embed/embedding", "head/norm/weight"}  # tied: no lm_head
+    for i in range(engine.model.config.num_layers):
+        layer = {"/".join(p[2:]): x for p, x in flat.items() if p[:2] == ("layers", i)}
         assert layer.keys() == {n for n in expected if n not in arrays}
         for name, x in {**arrays, **layer}.items():
             shape, spec, shard = expected[name]
@@ -145,10 +147,9 @@ def test_arrays_carry_the_expected_sharding(engines, num_kv_heads, tp):
 
 
 def test_query_heads_that_do_not_divide_are_refused(smol_tokenizer):
-    config, params = tiny(2)
     with pytest.raises(ShardingError, match=r"does not divide the model's 8 query heads; "
                                             r"sizes that work: \[1, 2, 4, 8\]"):
-        Engine.from_components(dataclasses.replace(ENGINE, tensor_parallel_size=3), config, params,
+        Engine.from_components(dataclasses.replace(ENGINE, tensor_parallel_size=3), tiny(2),
                                smol_tokenizer)
     with pytest.raises(ShardingError, match="needs that many devices; 8 are visible"):
         make_mesh(16)
@@ -161,7 +162,7 @@ def test_default_model_tp3_equals_tp1(smol_checkpoint, smol_tokenizer):
                           decode_buckets=(2,), num_kv_pages=40, page_size=16)
     with pytest.raises(ShardingError, match=r"9 query heads; sizes that work: \[1, 3\]"):
         Engine.from_components(dataclasses.replace(config, tensor_parallel_size=2),
-                               smol_checkpoint.config, smol_checkpoint.params, smol_tokenizer)
+                               smol_checkpoint.model, smol_tokenizer)
     chats = [[{"role": "user", "content": "What is the capital of France?"}],
              [{"role": "user", "content": "Write a haiku about the sea."}]]
     prompts = [smol_tokenizer.encode_chat(c, add_generation_prompt=True) for c in chats]
@@ -169,8 +170,7 @@ def test_default_model_tp3_equals_tp1(smol_checkpoint, smol_tokenizer):
     outs = []
     for tp in (1, 3):
         engine = Engine.from_components(dataclasses.replace(config, tensor_parallel_size=tp),
-                                        smol_checkpoint.config, smol_checkpoint.params,
-                                        smol_tokenizer)
+                                        smol_checkpoint.model, smol_tokenizer)
         assert engine.runner.kv[0][0].addressable_shards[0].data.shape[2] == 3 // tp
         outs.append({r: o.token_ids for r, o in generate(engine, prompts, greedy).items()})
         del engine
@@ -183,10 +183,10 @@ def test_vocab_that_does_not_divide_and_prompt_logprobs(smol_tokenizer):
     replicated); greedy outputs, logits and prompt log-probs equal one device's."""
     config = ModelConfig.from_hf(dict(TINY, vocab_size=49155, num_attention_heads=8,
                                       num_key_value_heads=2))
-    params = init_params(config, jax.random.PRNGKey(7), jnp.float32, scale=0.5)
-    one, two = (Engine.from_components(dataclasses.replace(ENGINE, tensor_parallel_size=tp), config,
-                                       params, smol_tokenizer) for tp in (1, 2))
-    assert two.runner.params["embed"].sharding.spec == jax.sharding.PartitionSpec(None, None)
+    model = init_model(config, jax.random.PRNGKey(7), jnp.float32, scale=0.5)
+    one, two = (Engine.from_components(dataclasses.replace(ENGINE, tensor_parallel_size=tp), model,
+                                       smol_tokenizer) for tp in (1, 2))
+    assert two.model.embed.embedding.sharding.spec == jax.sharding.PartitionSpec(None, None)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=3)
 
     def run(engine):

@@ -1,8 +1,10 @@
-"""The runner's compiled programs: the KV cache is never copied, buckets cover every batch."""
+"""The runner's compiled programs: the KV cache is never copied, buckets cover every batch, and
+in bfloat16 no program converts a cache- or weight-shaped array."""
 
 import re
 
 import jax
+import numpy as np
 import pytest
 
 from jaxserve.runner import Bucket
@@ -13,8 +15,8 @@ def runner(make_tiny_engine):
     return make_tiny_engine().runner
 
 
-def cache_copies(hlo: str, cache_shape) -> list[str]:
-    shape = "f32[" + ",".join(map(str, cache_shape)) + "]"
+def cache_copies(hlo: str, cache_shape, dtype="f32") -> list[str]:
+    shape = dtype + "[" + ",".join(map(str, cache_shape)) + "]"
     return [line for line in hlo.splitlines()
             if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} copy\(", line)]
 
@@ -24,7 +26,7 @@ def test_no_program_copies_the_cache(runner):
     for b in runner.all_buckets():
         ids, md, li = runner._dummy_batch(b)
         g = runner.layers_per_program
-        lp, lkv = runner.params["layers"][:g], runner.kv[:g]
+        lp, lkv = tuple(runner._layer_leaves[:g]), runner.kv[:g]
         hidden = jax.numpy.zeros((b.num_tokens, runner.config.hidden_size))
         layers_hlo = runner._layers.lower(lp, lkv, hidden, md).compile().as_text()
         assert not cache_copies(layers_hlo, cache_shape), b
@@ -47,3 +49,54 @@ def test_buckets_cover_every_batch(runner):
             # room for any split into query blocks: sum(ceil(q / Qb)) <= R + T / Qb
             assert b.num_blocks >= n_req + n_tok // b.query_block
     assert runner.num_compilations > 0
+
+
+def converts_of(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
+    """HLO lines that convert an array of one of `shapes` (to any dtype)."""
+    out = []
+    for line in hlo.splitlines():
+        m = re.search(r"= \w+\[([\d,]*)\]\S* convert\(", line)
+        if m and tuple(int(d) for d in m.group(1).split(",") if d) in shapes:
+            out.append(line.strip())
+    return out
+
+
+def test_bfloat16_programs_convert_no_cache_or_weight(make_tiny_engine, tiny_model):
+    """XLA:CPU converts a whole bf16 buffer to float32 to gather from it, scatter into it, or
+    multiply it without preferred_element_type: none of that may be left in any program."""
+    from flax import nnx
+
+    from jaxserve.models.llama import init_model
+    from jaxserve.sampling import SamplingParams, SamplingTensors
+
+    model = init_model(tiny_model.config, 0, jax.numpy.bfloat16, scale=0.5)
+    runner = make_tiny_engine(model=model).runner
+    assert runner.kv[0][0].dtype == jax.numpy.uint16  # bf16 bits: CPU scatters them natively
+    weights = {tuple(v.shape) for _, v in nnx.to_flat_state(nnx.state(runner.model))
+               if len(v.shape) > 1}
+    cache_shape = tuple(runner.kv[0][0].shape)
+    forbidden = weights | {cache_shape}
+    g = runner.layers_per_program
+    for b in runner.all_buckets():
+        ids, md, li = runner._dummy_batch(b)
+        group, lkv = tuple(runner._layer_leaves[:g]), runner.kv[:g]
+        el, hl = runner._embed_leaves, runner._head_leaves
+        hidden = jax.numpy.zeros((b.num_tokens, runner.config.hidden_size), jax.numpy.bfloat16)
+        programs = {
+            "embed": runner._embed.lower(el, ids),
+            "layers": runner._layers.lower(group, lkv, hidden, md),
+            "head": runner._head.lower(hl, el, hidden, li),
+        }
+        logits, new_kv, _ = runner._forward(b, ids, md, li)
+        programs["write"] = runner._write.lower(runner.kv, new_kv, md.slot_mapping)
+        for temperature in (0, 1.0):
+            t = SamplingTensors.from_params([SamplingParams(temperature=temperature)], [0], [[]], [[]],
+                                            runner.config.vocab_size, pad_to=b.num_requests)
+            t, ban = runner._put((t, np.zeros((b.num_requests, 0), np.int32)))
+            programs[f"sampler {temperature}"] = runner._sample.lower(
+                logits, t, ban, all_greedy=t.all_greedy, needs_penalties=t.needs_penalties,
+                num_logprobs=0)
+        for name, lowered in programs.items():
+            hlo = lowered.compile().as_text()
+            assert not converts_of(hlo, forbidden), (b, name, converts_of(hlo, forbidden)[:3])
+            assert not cache_copies(hlo, cache_shape, "u16"), (b, name)

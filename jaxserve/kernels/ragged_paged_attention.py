@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.kernels.metadata import AttentionMetadata
+from jaxserve.kernels.storage import from_storage, to_storage
 
 
 CHUNK_TOKENS = 256  # cache positions per step of the online-softmax loop
@@ -29,20 +30,22 @@ CHUNK_TOKENS = 256  # cache positions per step of the online-softmax loop
 
 def write_kv(kv, new_kv, slot_mapping):
     """Scatter each layer's new K/V rows [T, K, E] into its caches [P, S, K, E] at the flat
-    slots [T]. Run it as its own program with `kv` donated: it is then done in place."""
+    slots [T]. Run it as its own program with `kv` donated: it is then done in place. A cache
+    stored as bits (bfloat16 on CPU, see storage.py) gets the rows' bits."""
     out = []
     for (k_cache, v_cache), (k_new, v_new) in zip(kv, new_kv):
         p, s, k, e = k_cache.shape
         page, off = slot_mapping // s, slot_mapping % s
-        out.append((k_cache.at[page, off].set(k_new.astype(k_cache.dtype)),
-                    v_cache.at[page, off].set(v_new.astype(v_cache.dtype))))
+        out.append((k_cache.at[page, off].set(to_storage(k_new, k_cache.dtype)),
+                    v_cache.at[page, off].set(to_storage(v_new, v_cache.dtype))))
     return tuple(out)
 
 
 def ref_ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetadata, *,
                                sm_scale: float, sliding_window: int | None = None,
                                soft_cap: float | None = None):
-    """q [T, H, E]; caches [P, S, K, E] (read only); k_new/v_new [T, K, E] -> out [T, H, E]."""
+    """q [T, H, E]; caches [P, S, K, E] (read only; bfloat16 may be stored as its uint16 bits,
+    see storage.py); k_new/v_new [T, K, E] -> out [T, H, E]."""
     md = jax.tree_util.tree_map(jnp.asarray, md)  # host (numpy) metadata works too
     t, h, e = q.shape
     _, s, kh, _ = k_cache.shape
@@ -80,7 +83,7 @@ def ref_ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionM
         use_new = (kv_valid & is_new)[:, :, None, None]
 
         def keys_or_values(cache, new):  # [N, C, K, E]; zero where invalid (may be NaN there)
-            old = cache[pages].reshape(n, cp * s, kh, e)
+            old = from_storage(cache[pages]).reshape(n, cp * s, kh, e)
             return jnp.where(use_cache, old, jnp.where(use_new, new[new_tok].astype(old.dtype), 0))
 
         ks, vs = keys_or_values(k_cache, k_new), keys_or_values(v_cache, v_new)

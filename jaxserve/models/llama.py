@@ -1,42 +1,120 @@
-"""The Llama family (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as pure functions.
+"""The Llama family (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as Flax NNX modules.
 
-A forward pass is `embed`, then `layers` over any contiguous group of layers (the runner may
-advance a prefill a few layers at a time), then `head` on the rows that need logits:
+    LlamaModel
+      embed      Embed            [V, D]
+      layers     nnx.List[DecoderLayer]
+        attn_norm  RMSNorm        [D]
+        attn       Attention
+          qkv        nnx.Einsum   [D, K, G+2, E] (+ bias [K, G+2, E], Qwen2)
+          q_norm, k_norm RMSNorm  [E] (Qwen3)
+          o          nnx.Einsum   [H, E, D] (+ bias [D])
+        mlp_norm   RMSNorm        [D]
+        mlp        MLP
+          gate_up    nnx.Einsum   [D, 2, F]
+          down       nnx.Einsum   [F, D]
+      head       LMHead
+        norm       RMSNorm        [D]
+        lm_head    nnx.Einsum     [D, V] (absent when the embedding is tied)
 
-    hidden = embed(params, token_ids)                                     # [T, D]
-    hidden, new_kv = layers(params, kv, hidden, md, config=c, first_layer=0, num_layers=c.num_layers)
-    logits = head(params, hidden, logits_indices, config=c)               # [B, V] float32
+Each parameter declares its logical axes once, as Flax sharding metadata (`out_sharding`);
+parallel.py maps them onto a mesh with Flax's logical axis rules. wqkv keeps, for KV head k, its
+G query heads, then its key, then its value, so one matmul makes q, k and v and the K axis splits
+cleanly over devices.
+
+A forward pass is `embed`, the decoder layers over any contiguous group (the runner runs a few
+layers per compiled program, the same program for every group), then `head` on the rows that
+need logits:
+
+    hidden = model.embed(token_ids)                                  # [T, D]
+    hidden, new_kv = run_layers(model.layers, kv, hidden, md)       # any group of layers
+    logits = model.head(hidden, logits_indices, model.embed)        # [B, V] float32
     kv = kernels.write_kv(kv, new_kv, md.slot_mapping)   # a program of its own, kv donated
 
-`kv` is a tuple with one `(k_cache, v_cache)` pair per layer, each `[P, S, K, E]`: separate
-buffers per layer let XLA update each in place (one stacked `[L, ...]` array was copied whole
-at every layer on CPU). The layers only read the cache; they return this step's K/V
-(`new_kv`, per layer `[T, K, E]` each), which the caller writes into the cache in a separate
-program (see kernels/ragged_paged_attention.py for the measurement behind the split).
-Variants differ only by config flags: q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3),
-sliding window (Mistral), rope scaling.
+The KV cache stays outside the modules: `kv` is a tuple with one `(k_cache, v_cache)` pair per
+layer, each `[P, S, K, E]`; separate buffers per layer let XLA update each in place (one stacked
+`[L, ...]` array was copied whole at every layer on CPU). The layers only read it; they return
+this step's K/V (`new_kv`, per layer `[T, K, E]` each), written by `write_kv`.
+
+Every layer has the same graph definition: configuration lives in static attributes equal for
+all layers (the config), never per-layer Python values, so `nnx.split` of any layer gives the
+same graphdef and one compiled program serves every group.
+
+bfloat16: every projection computes with `preferred_element_type=float32` and casts back (XLA
+has no bf16 x bf16 -> bf16 dot on CPU and converted whole weights to float32 on every call);
+the embedding lookup goes through the table's bits (kernels/storage.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from jaxserve import kernels
 from jaxserve.config import ModelConfig, rope_inv_freq
 from jaxserve.kernels import AttentionMetadata
+from jaxserve.kernels.storage import take_rows
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [P, S, K, E]
 NewKV = tuple[tuple[jax.Array, jax.Array], ...]  # per layer run (k, v), each [T, K, E]
 
+_normal = nnx.initializers.normal(0.02)
 
-def rms_norm(x, w, eps):
-    """RMSNorm computed in float32 and cast back, as Hugging Face does."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return w * y.astype(x.dtype)
+
+def _axes(*names: str | None) -> dict:
+    """Param metadata: logical axis names, resolved onto a mesh by parallel.py (not at init)."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def project(spec: str, x, w, **kwargs):
+    """jnp.einsum for projections, accumulating in float32 (`preferred_element_type`).
+
+    A bf16 input of one row is computed as two: XLA:CPU rewrites a one-row dot into a
+    matrix-vector product that converts the whole bf16 weight to float32 first (seen in the
+    compiled HLO of decode at batch 1), while a two-row dot stays one bf16 x bf16 -> f32 dot."""
+    if x.dtype == jnp.bfloat16 and x.shape[0] == 1:
+        return jnp.einsum(spec, jnp.concatenate([x, x]), w, **kwargs)[:1]
+    return jnp.einsum(spec, x, w, **kwargs)
+
+
+def _einsum(spec: str, kernel_shape, kernel_axes, *, dtype, rngs, bias_shape=None,
+            bias_axes=()) -> nnx.Einsum:
+    """A projection that computes in float32 whatever the weight dtype (see the module doc)."""
+    return nnx.Einsum(spec, kernel_shape, bias_shape, param_dtype=dtype, rngs=rngs,
+                      kernel_init=_normal, bias_init=nnx.initializers.zeros_init(),
+                      preferred_element_type=jnp.float32, einsum_op=project,
+                      kernel_metadata=_axes(*kernel_axes), bias_metadata=_axes(*bias_axes))
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as Hugging Face computes it: normalised in float32, cast back to the input dtype,
+    then scaled (nnx.RMSNorm scales before the cast, which differs in bfloat16)."""
+
+    def __init__(self, size: int, eps: float, axis_name: str, *, dtype):
+        self.weight = nnx.Param(jnp.ones((size,), dtype), **_axes(axis_name))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]. Not nnx.Embed: its `jnp.take` of a bf16 table converts the whole
+    table to float32 on XLA:CPU; `take_rows` gathers through the bits instead."""
+
+    def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_normal(rngs.params(), (vocab_size, dim), dtype),
+                                   **_axes("vocab", "embed"))
+
+    def __call__(self, token_ids):
+        """token_ids [T] -> hidden [T, D]."""
+        return take_rows(self.embedding[...], token_ids)
 
 
 def rope(positions, c: ModelConfig):
@@ -54,77 +132,132 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def embed(params, token_ids):
-    """token_ids [T] -> hidden [T, D]."""
-    return params["embed"][token_ids]
+class Attention(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, h, k, g, e = c.hidden_size, c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
+        self.config = c
+        self.qkv = _einsum("TD,DKCE->TKCE", (d, k, g + 2, e), ("embed", "kv_heads", None, "head_dim"),
+                           bias_shape=(k, g + 2, e) if c.qkv_bias else None,
+                           bias_axes=("kv_heads", None, "head_dim"), dtype=dtype, rngs=rngs)
+        self.o = _einsum("THE,HED->TD", (h, e, d), ("heads", "head_dim", "embed"),
+                         bias_shape=(d,) if c.o_bias else None, bias_axes=("embed",),
+                         dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(e, c.rms_norm_eps, "head_dim", dtype=dtype) if c.qk_norm else None
+        self.k_norm = RMSNorm(e, c.rms_norm_eps, "head_dim", dtype=dtype) if c.qk_norm else None
+
+    def __call__(self, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, *,
+                 mesh: Mesh | None = None):
+        """x [T, D] (already normed) -> (output [T, D], k_new [T, K, E], v_new [T, K, E]).
+        With a mesh, heads are split over its tensor axis and attention runs per device."""
+        c = self.config
+        t, g = x.shape[0], c.group_size
+        qkv = self.qkv(x).astype(x.dtype)  # [T, K, G+2, E]
+        q = qkv[:, :, :g].reshape(t, -1, c.head_dim)  # [T, H, E]; head h = k * G + g (HF's repeat_kv)
+        k_new, v_new = qkv[:, :, g], qkv[:, :, g + 1]  # [T, K, E]
+        if self.q_norm is not None:
+            q, k_new = self.q_norm(q), self.k_norm(k_new)
+        q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
+        out = kernels.ragged_paged_attention(
+            q, k_cache, v_cache, k_new, v_new, md, sm_scale=c.head_dim ** -0.5,
+            sliding_window=c.sliding_window, mesh=mesh)  # [T, H, E]
+        return self.o(out).astype(x.dtype), k_new, v_new
 
 
-def attention_block(p, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, c: ModelConfig,
-                    mesh: Mesh | None = None):
-    """x [T, D] (already normed) -> (attention output [T, D], k_new [T, K, E], v_new [T, K, E]).
-    With a mesh, heads are split over its tensor axis and attention runs per device."""
-    t, d = x.shape
-    k, g, e = c.num_kv_heads, c.group_size, c.head_dim
-    qkv = jnp.dot(x, p["wqkv"].reshape(d, -1)).reshape(t, k, g + 2, e)  # [T, K, G+2, E]
-    if c.qkv_bias:
-        qkv = qkv + p["bqkv"]
-    q = qkv[:, :, :g].reshape(t, k * g, e)  # [T, H, E]; head h = k * G + g as in HF's repeat_kv
-    k_new, v_new = qkv[:, :, g], qkv[:, :, g + 1]  # [T, K, E]
-    if c.qk_norm:
-        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
-        k_new = rms_norm(k_new, p["k_norm"], c.rms_norm_eps)
-    q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
-    out = kernels.ragged_paged_attention(
-        q, k_cache, v_cache, k_new, v_new, md, sm_scale=e ** -0.5, sliding_window=c.sliding_window,
-        mesh=mesh)
-    out = jnp.dot(out.reshape(t, -1), p["wo"].reshape(-1, d))  # [T, D]
-    if c.o_bias:
-        out = out + p["bo"]
-    return out, k_new, v_new
+class MLP(nnx.Module):
+    """SwiGLU. gate and up are one [D, 2, F] weight (one matmul); an einsum, not a reshape to
+    [D, 2F]: with F split over a mesh, that reshape made XLA all-gather the whole weight."""
+
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f = c.hidden_size, c.intermediate_size
+        self.gate_up = _einsum("TD,DCF->TCF", (d, 2, f), ("embed", None, "mlp"), dtype=dtype, rngs=rngs)
+        self.down = _einsum("TF,FD->TD", (f, d), ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        gate_up = self.gate_up(x).astype(x.dtype)  # [T, 2, F]
+        return self.down(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]).astype(x.dtype)
 
 
-def mlp_block(p, x):
-    """SwiGLU: x [T, D] -> [T, D]."""
-    # An einsum, not a reshape to [D, 2F]: with F split over a mesh, that reshape made XLA
-    # all-gather the whole weight in every layer of every step.
-    gate_up = jnp.einsum("TD,DCF->TCF", x, p["w_gate_up"])  # [T, 2, F]
-    return jnp.dot(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], p["w_down"])
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", dtype=dtype)
+        self.attn = Attention(c, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", dtype=dtype)
+        self.mlp = MLP(c, dtype=dtype, rngs=rngs)
 
-
-def layers(params, kv: KVCache, hidden, md: AttentionMetadata, *, config: ModelConfig,
-           first_layer: int, num_layers: int, mesh: Mesh | None = None) -> tuple[jax.Array, NewKV]:
-    """Run layers [first_layer, first_layer + num_layers): hidden [T, D] -> (hidden, new_kv)
-    where new_kv holds those layers' K/V of this step's tokens, to be written by write_kv.
-    mesh: attention runs under shard_map over its tensor axis (params placed by parallel.py)."""
-    c = config
-    cos, sin = rope(md.positions, c)
-    new_kv = []
-    for i in range(first_layer, first_layer + num_layers):
-        p = params["layers"][i]
-        attn, k_new, v_new = attention_block(
-            p, rms_norm(hidden, p["attn_norm"], c.rms_norm_eps), *kv[i], md, cos, sin, c, mesh)
-        new_kv.append((k_new, v_new))
+    def __call__(self, hidden, k_cache, v_cache, md: AttentionMetadata, cos, sin, *,
+                 mesh: Mesh | None = None):
+        """hidden [T, D] -> (hidden [T, D], k_new [T, K, E], v_new [T, K, E])."""
+        attn, k_new, v_new = self.attn(self.attn_norm(hidden), k_cache, v_cache, md, cos, sin,
+                                       mesh=mesh)
         hidden = hidden + attn
-        hidden = hidden + mlp_block(p, rms_norm(hidden, p["mlp_norm"], c.rms_norm_eps))
+        return hidden + self.mlp(self.mlp_norm(hidden)), k_new, v_new
+
+
+class LMHead(nnx.Module):
+    """Final norm and the projection to logits; a tied head reads the embedding table."""
+
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", dtype=dtype)
+        self.lm_head = None if c.tie_word_embeddings else _einsum(
+            "BD,DV->BV", (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, hidden, logits_indices, embed: Embed):
+        """hidden [T, D], logits_indices [B] -> logits [B, V] in float32."""
+        x = self.norm(hidden[logits_indices])  # [B, D]
+        if self.lm_head is None:
+            return project("BD,VD->BV", x, embed.embedding[...], preferred_element_type=jnp.float32)
+        return self.lm_head(x)
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs)
+                                for _ in range(config.num_layers)])
+        self.head = LMHead(config, dtype=dtype, rngs=rngs)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.embed.embedding.dtype
+
+    def __call__(self, kv: KVCache, token_ids, md: AttentionMetadata, logits_indices, *,
+                 mesh: Mesh | None = None) -> tuple[jax.Array, NewKV]:
+        """All layers: (logits [B, V] float32, new_kv). The cache itself is only read."""
+        hidden, new_kv = run_layers(self.layers, kv, self.embed(token_ids), md, mesh=mesh)
+        return self.head(hidden, logits_indices, self.embed), new_kv
+
+
+def run_layers(layers: Sequence[DecoderLayer], kv: KVCache, hidden, md: AttentionMetadata, *,
+               mesh: Mesh | None = None) -> tuple[jax.Array, NewKV]:
+    """A contiguous group of layers with their caches: hidden [T, D] -> (hidden, new_kv), where
+    new_kv holds these layers' K/V of this step's tokens, to be written by write_kv."""
+    cos, sin = rope(md.positions, layers[0].attn.config)
+    new_kv = []
+    for layer, (k_cache, v_cache) in zip(layers, kv, strict=True):
+        hidden, k_new, v_new = layer(hidden, k_cache, v_cache, md, cos, sin, mesh=mesh)
+        new_kv.append((k_new, v_new))
     return hidden, tuple(new_kv)
 
 
-def head(params, hidden, logits_indices, *, config: ModelConfig):
-    """hidden [T, D], logits_indices [B] -> logits [B, V] in float32."""
-    x = rms_norm(hidden[logits_indices], params["final_norm"], config.rms_norm_eps)  # [B, D]
-    if config.tie_word_embeddings:
-        return jnp.einsum("BD,VD->BV", x, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.dot(x, params["lm_head"], preferred_element_type=jnp.float32)
+def init_model(config: ModelConfig, key: jax.Array | int = 0, dtype=jnp.float32,
+               scale: float = 0.02) -> LlamaModel:
+    """A model with random weights (tests and benchmarks without a checkpoint): matrices
+    normal(0, scale), norms one, biases zero."""
+    model = LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(key))
+    if scale != 0.02:
+        for _, var in nnx.iter_graph(model):
+            if isinstance(var, nnx.Param) and len(var.shape) > 1:
+                var.set_value((var[...].astype(jnp.float32) * (scale / 0.02)).astype(var.dtype))
+    return model
 
 
-def forward(params, kv: KVCache, token_ids, md: AttentionMetadata, logits_indices, *,
-            config: ModelConfig) -> tuple[jax.Array, NewKV]:
-    """All layers: (logits [B, V] float32, new_kv). The cache itself is only read."""
-    hidden, new_kv = layers(params, kv, embed(params, token_ids), md, config=config,
-                            first_layer=0, num_layers=config.num_layers)
-    return head(params, hidden, logits_indices, config=config), new_kv
+def abstract_model(config: ModelConfig, dtype=jnp.float32) -> LlamaModel:
+    """The model's structure with no weights allocated (jax.ShapeDtypeStruct leaves)."""
+    return nnx.eval_shape(lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def init_kv_cache(c: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
+    """Zeroed caches; `dtype` is the storage dtype (kernels.storage.storage_dtype)."""
     shape = (num_pages, page_size, c.num_kv_heads, c.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))

@@ -1,7 +1,8 @@
 """Loading checkpoints: HF safetensors folders (single or sharded) and GGUF files.
 
 Both paths end in the same place: a `ModelConfig` from an HF-style config dict, and HF-named
-float tensors handed to `params.params_from_hf`, which checks every shape against the config.
+float tensors handed to `params.model_from_hf`, which checks every shape against the config and
+fills an abstractly created Flax model, each array placed straight into its sharding.
 
 The safetensors reader is our own (a JSON header and raw little-endian data, memory-mapped) so
 that every header field is bounded against the file size before anything is read, and BF16
@@ -22,7 +23,8 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.errors import CheckpointError
-from jaxserve.models.params import params_from_hf
+from jaxserve.models.llama import LlamaModel
+from jaxserve.models.params import model_from_hf
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -34,11 +36,14 @@ _MAX_HEADER = 100 * 2**20  # the format's own limit on the JSON header
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
-    config: ModelConfig
-    params: dict
+    model: LlamaModel
     source: Path
     gguf_metadata: dict | None = None  # GGUF key/values (tokenizer, chat template), GGUF only
     hf_config: dict | None = None  # the config.json-style dict `config` was built from
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -125,8 +130,9 @@ def load_hf_config(folder: Path) -> dict:
         raise CheckpointError(path, f"config.json is not valid JSON ({e})") from None
 
 
-def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> LoadedCheckpoint:
-    """Load an HF safetensors folder or a `.gguf` file into (config, params) in `dtype`."""
+def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> LoadedCheckpoint:
+    """Load an HF safetensors folder or a `.gguf` file as a model in `dtype`, each parameter
+    placed at its sharding on `mesh` (default: the first device)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")
@@ -144,13 +150,13 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> LoadedCheckpo
                                             f"the config implies {tuple(shape)}")
             return g.tensors[name]
 
-        return LoadedCheckpoint(config, params_from_hf(config, get, dtype), path, g.metadata,
+        return LoadedCheckpoint(model_from_hf(config, get, dtype, mesh), path, g.metadata,
                                 g.hf_config)
     if path.is_dir():
         hf_config = load_hf_config(path)
         config = ModelConfig.from_hf(hf_config)
         folder = SafetensorsFolder(path)
-        return LoadedCheckpoint(config, params_from_hf(config, folder.get, dtype), path,
+        return LoadedCheckpoint(model_from_hf(config, folder.get, dtype, mesh), path,
                                 hf_config=hf_config)
     raise CheckpointError(path, "not a checkpoint: expected an HF folder (config.json + "
                                 "*.safetensors) or a .gguf file")

@@ -7,15 +7,18 @@ mesh, each device reading only its own shard.
 A converted folder holds:
     jaxserve_checkpoint.json   marker: format version, dtype, source, tokenizer kind
     config.json                the HF-style config dict (`ModelConfig.from_hf` reads it)
-    params/                    the params pytree in jaxserve's layout (orbax, tensorstore)
+    params/                    the model's `nnx.State` as a pure dict (orbax, tensorstore):
+                               {"embed": {"embedding": ...}, "layers": {"0": {"attn": ...}}, ...}
     tokenizer                  HF source: its tokenizer.json, tokenizer_config.json, chat
                                template and generation_config.json, copied; GGUF source:
                                gguf_tokenizer.json, the tokenizer.* metadata (vocabulary, merges,
                                special ids, chat template) that `Tokenizer.from_gguf_metadata`
                                rebuilds the tokenizer from
 Params are stored in the checkpoint layout (KV heads as in the model), so one checkpoint
-serves any mesh; `restore` asks orbax for each array with its target `NamedSharding`
-(`parallel.param_shardings`), and tensorstore reads only the slices a process's devices hold.
+serves any mesh; `restore` creates the model abstractly, asks orbax for each array with the
+`NamedSharding` its logical axes give on the mesh (`parallel.state_shardings`), and tensorstore
+reads only the slices a process's devices hold. Format 1 (before the Flax model) held a dict of
+jaxserve's own parameter names; it is refused with a message to convert again.
 
 Time until SmolLM2-135M-Instruct's float32 params are on the mesh (`python benchmarks/load.py`,
 8 CPU devices on 2 cores, first run / best of 3 with the files in the page cache):
@@ -35,14 +38,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.errors import CheckpointError
+from jaxserve.models.llama import abstract_model
 from jaxserve.models.loader import LoadedCheckpoint, load_checkpoint, load_hf_config
-from jaxserve.models.params import ParamSpec, param_specs
+from jaxserve.models.params import fill
 
 MARKER = "jaxserve_checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the Flax model's nnx.State; 1: the earlier dict-of-arrays layout
 GGUF_TOKENIZER = "gguf_tokenizer.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                       "chat_template.json", "generation_config.json", "special_tokens_map.json")
@@ -68,7 +73,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float3
     dst.mkdir(parents=True, exist_ok=True)
     try:
         with ocp.StandardCheckpointer() as saver:
-            saver.save(dst / "params", _to_lists(ckpt.params))
+            saver.save(dst / "params", _nested({path: var.get_value() for path, var in
+                                                nnx.to_flat_state(nnx.state(ckpt.model))}))
         (dst / "config.json").write_text(json.dumps(hf_config, indent=1))
         if tokenizer is not None:
             (dst / GGUF_TOKENIZER).write_text(json.dumps(tokenizer))
@@ -98,28 +104,52 @@ def restore(path: str | os.PathLike, mesh: jax.sharding.Mesh,
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(path / MARKER, f"unreadable checkpoint marker: {e}") from None
+    if marker.get("format") == 1:
+        raise CheckpointError(path, "this orbax checkpoint was written by an older jaxserve (format "
+                                    "1, before the Flax model); re-run `jaxserve convert` on its "
+                                    f"source ({marker.get('source', 'the original checkpoint')})")
     if marker.get("format") != FORMAT_VERSION:
         raise CheckpointError(path, f"orbax checkpoint format {marker.get('format')!r}; this "
                                     f"jaxserve reads format {FORMAT_VERSION}")
     hf_config = load_hf_config(path)
     config = ModelConfig.from_hf(hf_config)
     parallel.check_mesh(config, mesh)
-    shardings = parallel.param_shardings(config, mesh)  # checkpoint layout: KV heads as stored
-    target = jax.tree_util.tree_map(
-        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=sharding),
-        param_specs(config), shardings, is_leaf=lambda x: isinstance(x, ParamSpec))
+    model = abstract_model(config, jnp.dtype(dtype))  # checkpoint layout: KV heads as stored
+    state = nnx.state(model)
+    shardings = dict(nnx.to_flat_state(parallel.state_shardings(state, mesh)))
+    target = _nested({path: jax.ShapeDtypeStruct(var.shape, var.dtype,
+                                                 sharding=shardings[path].get_value())
+                      for path, var in nnx.to_flat_state(state)})
     with ocp.StandardCheckpointer() as loader:
         try:
-            params = loader.restore(path / "params", _to_lists(target))
+            restored = loader.restore(path / "params", target)
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise CheckpointError(path / "params", f"does not match config.json: {e}") from None
-    params = dict(params, layers=tuple(params["layers"]))
+    values = {}
+    _flatten_pure(restored, (), values)
+    fill(model, values)
     meta = None
     if marker.get("tokenizer") == "gguf":
         meta = json.loads((path / GGUF_TOKENIZER).read_text())
-    return LoadedCheckpoint(config, params, path, meta, hf_config)
+    return LoadedCheckpoint(model, path, meta, hf_config)
 
 
-def _to_lists(params: dict) -> dict:
-    """orbax stores sequences as lists: the per-layer tuple goes in and out as a list."""
-    return dict(params, layers=list(params["layers"]))
+def _nested(flat: dict[tuple, object]) -> dict:
+    """{state path: array} -> nested dicts with string keys (how orbax stores a tree)."""
+    out: dict = {}
+    for path, x in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = x
+    return out
+
+
+def _flatten_pure(tree: dict, prefix: tuple, out: dict) -> None:
+    """Nested dicts from `_nested` -> {state path: array}, layer indices back to ints."""
+    for key, value in tree.items():
+        key = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(value, dict):
+            _flatten_pure(value, (*prefix, key), out)
+        else:
+            out[(*prefix, key)] = value
