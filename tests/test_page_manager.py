@@ -264,3 +264,21 @@ PageManagerMachine.TestCase.settings = settings(
     max_examples=30, stateful_step_count=30, deadline=None
 )
 TestPageManagerMachine = PageManagerMachine.TestCase
+
+
+def test_forget_cached_keeps_counts_and_drops_every_hit():
+    pm = PageManager(num_pages=8, page_size=2)
+    pages = pm.allocate(3)
+    hashes = chain([[1, 2], [3, 4], [5, 6]])
+    for page, h in zip(pages, hashes):
+        pm.register(page, h)
+    pm.free(pages[1:])  # two cached free pages, one cached page in use
+    used, free = pm.num_used_pages, pm.num_free_pages
+    pm.forget_cached()
+    pm.verify()
+    assert (pm.num_used_pages, pm.num_free_pages, pm.num_cached_pages) == (used, free, 0)
+    assert pm.find_cached_prefix(hashes) == []
+    pm.free(pages[:1])
+    assert pm.num_free_pages == pm.num_usable_pages
+    assert len(set(pm.allocate(7))) == 7  # every page handed out once
+    pm.verify()

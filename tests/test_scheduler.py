@@ -577,3 +577,33 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=80, stateful_step_count=30, deadline=None
 )
 TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+def test_recompute_all_after_the_cache_was_lost():
+    """A failed step lost the KV cache: every running request recomputes (nothing read from the
+    lost cache, prefix cache included), the waiting order is kept, and outputs are exact."""
+    sched = Scheduler(config(max_num_batched_tokens=16))
+    shared = list(range(1, 13))
+    prompts = {"a": shared + [20, 21], "b": shared + [30], "c": list(range(40, 70)), "d": [5, 6]}
+    for rid, p in prompts.items():
+        sched.add_request(Request(rid, p, max_tokens=10))
+    runner = runner_for(sched)
+    for _ in range(4):
+        out = sched.schedule()
+        sched.update(out, runner.execute(out))
+    running_before = [r.request_id for r in sched.running]
+    waiting_before = [r.request_id for r in sched.waiting]
+    assert running_before and sched.page_manager.num_cached_pages
+    out = sched.schedule()
+    sched.recompute_all(out)
+    runner.kv.clear()  # what the cache held is gone
+    assert [r.request_id for r in sched.waiting] == running_before + waiting_before
+    assert all(r.num_computed_tokens == 0 for r in sched.waiting)
+    assert sched.page_manager.num_cached_pages == 0
+    assert_all_pages_free(sched)
+    with pytest.raises(SchedulerError):
+        sched.recompute_all(out)  # only the latest schedule(), once
+    finished, _ = run(sched)
+    for rid, p in prompts.items():
+        assert finished[rid].output_token_ids == reference(p, 10)
+    assert_all_pages_free(sched)

@@ -187,6 +187,14 @@ class PageManager:
         self._hash_to_page[page_hash] = page_id
         return True
 
+    def forget_cached(self) -> None:
+        """Drop the whole prefix cache (the KV contents were lost): every page becomes plain."""
+        for page in self._hash_to_page.values():
+            self._page_hash[page] = None
+        self._hash_to_page.clear()
+        self._free_uncached.extend(reversed(self._free_cached))
+        self._free_cached.clear()
+
     # ---- checks -------------------------------------------------------------------------------
 
     def _check_page_id(self, page: int) -> None:

@@ -281,6 +281,22 @@ class Scheduler:
                     break
         return finished
 
+    def recompute_all(self, output: SchedulerOutput) -> None:
+        """Undo a step that never ran (`output`, the latest schedule()) after the KV cache was
+        lost: every running request is preempted to recompute, in its admission order ahead of
+        the waiting ones, and the prefix cache is emptied (its pages' contents are gone)."""
+        if output is not self._pending:
+            raise SchedulerError("recompute_all() takes the output of the latest schedule()")
+        self._pending = None
+        for request in reversed(self._running):  # oldest ends up first in the queue
+            self._free_pages(request)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+            request.num_preemptions += 1
+            self._waiting.appendleft(request)
+        self._running.clear()
+        self.page_manager.forget_cached()
+
     # ---- internals ----------------------------------------------------------------------------
 
     def _schedule_running(self, request: Request, step: _Step) -> None:
