@@ -75,8 +75,12 @@ def _content_text(content, where: str) -> str:
                             f"got {type(content).__name__}")
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's
+
+
 def validate_messages(messages) -> list[dict]:
-    """Check and copy chat messages: each a mapping with a string `role` and string `content`.
+    """Check and copy chat messages: each a mapping with a `role` of OpenAI's (ROLES) and a string
+    `content`.
 
     Content given as a list of text parts is joined into one string; `content` may be missing or
     None only on an assistant message that carries `tool_calls`. Other keys pass through.
@@ -93,8 +97,9 @@ def validate_messages(messages) -> list[dict]:
             raise ChatTemplateError(f"{where} must be a mapping with 'role' and 'content', "
                                     f"got {type(message).__name__}")
         role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise ChatTemplateError(f"{where}['role'] must be a non-empty string, got {role!r}")
+        if role not in ROLES:  # templates print the role verbatim: any other text could inject
+            raise ChatTemplateError(f"{where}['role'] must be one of {', '.join(ROLES)}, "
+                                    f"got {role!r}")
         message = dict(message)
         if message.get("content") is None:
             if not message.get("tool_calls"):

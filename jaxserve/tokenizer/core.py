@@ -223,10 +223,16 @@ class Tokenizer:
             marked[placeholder] = match.group(0)
             return placeholder
 
-        for message in messages:
-            for key in ("content", "reasoning_content"):
-                if isinstance(message.get(key), str):
-                    message[key] = self._special_re.sub(mark, message[key])
+        def mark_all(value):  # every string a template may print: contents, names, tool calls
+            if isinstance(value, str):
+                return self._special_re.sub(mark, value)
+            if isinstance(value, Mapping):
+                return {k: mark_all(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [mark_all(v) for v in value]
+            return value
+
+        messages = [{k: v if k == "role" else mark_all(v) for k, v in m.items()} for m in messages]
         rendered = self._render(messages, add_generation_prompt, tools, kwargs)
         unmark = re.compile(f"\ue000{nonce}\\d+\ue001")
 
