@@ -58,10 +58,17 @@ def _check_int(name: str, value, *, low: int, allow_none: bool = False, rule: st
                                   f"{' or None' if allow_none else ''}, got {value!r}")
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_float(name: str, value, ok, rule: str):
+    # The sampler runs in float32: a value beyond its range would become inf there.
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
             or not math.isfinite(value) or not ok(value):
         raise SamplingParamsError(f"{name} must be {rule}, got {value!r}")
+    if abs(value) > _FLOAT32_MAX:
+        raise SamplingParamsError(f"{name} must be {rule} and at most {_FLOAT32_MAX:.4g} "
+                                  f"(float32), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

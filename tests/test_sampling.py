@@ -333,3 +333,9 @@ def test_real_vocabulary_size():
         z = reference_penalties(logits[i], outputs[i], [], p)
         assert reference_distribution(z, p)[out.token_ids[i]] > 0
     assert math.isfinite(float(out.logprobs.sum()))
+
+
+@pytest.mark.parametrize("field", ["temperature", "repetition_penalty"])
+def test_values_beyond_float32_are_refused(field):
+    with pytest.raises(SamplingParamsError, match=rf"^{field} must be .*float32"):
+        SamplingParams(**{field: 1e39})
