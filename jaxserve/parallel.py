@@ -174,7 +174,8 @@ def shard_model(model, mesh: Mesh):
     tp = tensor_size(mesh)
     r = kv_head_replicas(config, tp)
     run_config = sharded_model_config(config, tp)
-    target = abstract_model(run_config, model.dtype)
+    # a model of the runner's own: the same arrays where nothing moves (r == 1), else new ones
+    target = nnx.clone(model) if r == 1 else abstract_model(run_config, model.dtype)
     shardings = dict(nnx.to_flat_state(state_shardings(nnx.state(target), mesh)))
     values = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):

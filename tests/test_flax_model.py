@@ -75,6 +75,13 @@ def test_live_model_edits_reach_the_engine(make_tiny_engine):
         layer.mlp.down.kernel.set_value(np.asarray(w))  # host numpy: placed again on sync
     after = llm.generate("Hello there", greedy, use_tqdm=False)[0].outputs[0].token_ids
     assert ablated != before and after == before
+    kernel = llm.model.layers[1].attn.o.kernel
+    kernel.set_value(kernel[...].astype(jnp.bfloat16))  # not what the programs were compiled for
+    with pytest.raises(ValueError, match=r"layers/1/attn/o/kernel is now bfloat16\[4, 16, 64\]; "
+                                         r"the compiled programs take float32\[4, 16, 64\]"):
+        llm.generate("Hello there", greedy, use_tqdm=False)
+    kernel.set_value(kernel[...].astype(jnp.float32))
+    assert llm.generate("Hello there", greedy, use_tqdm=False)[0].outputs[0].token_ids == before
 
 
 def test_model_renders_with_dtypes_and_shardings(make_tiny_engine):
