@@ -4,7 +4,6 @@ own GGUF loading, on hand-made corrupt headers, and end to end on the real defau
 import dataclasses
 import functools
 import struct
-import time
 import tracemalloc
 
 import gguf
@@ -266,15 +265,13 @@ def test_corrupt_header_fails_fast(tmp_path, name):
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         with pytest.raises(CheckpointError, match=message) as e:
             read_gguf(path)
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert time.perf_counter() - start < 1.0
-    assert peak < 1 << 20, f"allocated {peak} bytes"
+    assert peak < 1 << 20, f"allocated {peak} bytes"  # refused before any large allocation
     assert e.value.path == str(path)
 
 
