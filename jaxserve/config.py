@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxserve.errors import UnsupportedArchitectureError
+from jaxserve.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 
 # architectures -> (model_type, has q/k/v bias, has per-head q/k RMSNorm)
 SUPPORTED_ARCHITECTURES = {
@@ -75,8 +75,18 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        """Convert a Hugging Face `config.json` dict. Unknown architectures are an error."""
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Convert a Hugging Face `config.json` dict. Unknown architectures are an error; a
+        missing or mistyped key is a CheckpointError naming `source` and the key."""
+        try:
+            return cls._from_hf(hf)
+        except KeyError as e:  # a required key is missing
+            raise CheckpointError(source, f"missing the required key {e.args[0]!r}") from None
+        except TypeError as e:  # e.g. "hidden_size": null
+            raise CheckpointError(source, f"a value has the wrong type: {e}") from None
+
+    @classmethod
+    def _from_hf(cls, hf: dict) -> "ModelConfig":
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
@@ -198,19 +208,22 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        for name in ("tensor_parallel_size", "num_processes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            raise ConfigError("dtype", f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("tensor_parallel_size", "num_processes", "max_num_seqs",
+                     "max_num_batched_tokens", "page_size", "kv_cache_memory"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
         if not 0 <= self.process_id < self.num_processes:
-            raise ValueError(f"process_id must be in [0, num_processes={self.num_processes}), "
-                             f"got {self.process_id}")
+            raise ConfigError("process_id", f"must be in [0, num_processes={self.num_processes}), "
+                                            f"got {self.process_id}")
         if self.num_processes > 1 and not self.coordinator_address:
-            raise ValueError("num_processes > 1 needs coordinator_address ('host:port' of process 0)")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            raise ConfigError("coordinator_address", "is needed when num_processes > 1 "
+                                                      "('host:port' of process 0)")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+            raise ConfigError("max_model_len", f"must be >= 2, got {self.max_model_len}")
         if self.num_kv_pages is not None and self.num_kv_pages < 2:
-            raise ValueError(f"num_kv_pages must be >= 2 (page 0 is reserved), got {self.num_kv_pages}")
+            raise ConfigError("num_kv_pages", f"must be >= 2 (page 0 is reserved), got "
+                                              f"{self.num_kv_pages}")
+        if not self.decode_buckets or any(b < 1 for b in self.decode_buckets):
+            raise ConfigError("decode_buckets", f"must be integers >= 1, got {self.decode_buckets}")

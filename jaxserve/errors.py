@@ -32,3 +32,11 @@ class TokenizerError(JaxserveError, ValueError):
 
 class ChatTemplateError(JaxserveError, ValueError):
     """Bad chat messages, a model without a chat template, or a template that refused the input."""
+
+
+class ConfigError(JaxserveError, ValueError):
+    """An engine or server option out of range; `field` names the option (the CLI names its flag)."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"{field} {problem}")
