@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve import multihost
@@ -35,6 +36,7 @@ from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger("jaxserve")
 
 DEFAULT_MAX_MODEL_LEN = 2048
+_CONTEXT = 4  # tokens decoded before a log-prob token, so that it keeps its leading space
 
 
 def enable_compilation_cache():
@@ -54,6 +56,14 @@ class InvalidPromptError(JaxserveError, ValueError):
     """The prompt is empty, too long, or holds token ids outside the vocabulary."""
 
 
+class EngineDeadError(JaxserveError, RuntimeError):
+    """A step failed and the engine could not recover (the device cannot run steps)."""
+
+
+class InvalidSamplingError(JaxserveError, ValueError):
+    """Sampling parameters this model cannot honour (e.g. stop_token_ids outside its vocabulary)."""
+
+
 @dataclasses.dataclass
 class _Sequence:  # one of a request's n completions
     seq_id: str
@@ -66,6 +76,8 @@ class _Sequence:  # one of a request's n completions
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # The chosen tokens' log-prob texts: deltas that concatenate to the text (no stop strings).
+    logprob_detok: IncrementalDetokenizer | None = None
 
     def output(self) -> CompletionOutput:
         return CompletionOutput(self.index, self.text, list(self.token_ids),
@@ -81,6 +93,7 @@ class _Group:  # one user request
     seqs: list[_Sequence]
     metrics: RequestMetrics
     prompt_logprobs: list | None = None  # [None, {token: Logprob}, ...] when asked for
+    prompt_texts: list[str] | None = None  # each prompt token's text, in context (prompt_logprobs)
 
     @property
     def finished(self) -> bool:
@@ -161,6 +174,10 @@ class Engine:
         self._seqs: dict[str, tuple[_Group, _Sequence]] = {}
         self._params_of: dict[str, SamplingParams] = {}
         self.num_preemptions = 0  # sequences preempted (recompute) since start
+        self._rng = np.random.default_rng(config.seed)  # seeds of unseeded requests
+        self.num_failed_steps = 0  # steps that raised and were recovered from
+        self._strikes: dict[str, int] = {}  # sequence id -> failed steps it was part of
+        self.dead: EngineDeadError | None = None  # set when a failed step could not be recovered
         t0 = time.perf_counter()
         self.runner.warmup(progress=progress)
         self.warmup_seconds = time.perf_counter() - t0
@@ -171,17 +188,25 @@ class Engine:
                     params: SamplingParams | None = None, *, arrival_time: float | None = None):
         """Queue a request. Raises a ValueError subclass, leaving nothing behind, if it can never run."""
         params = params or SamplingParams()
+        if self.dead is not None:
+            raise EngineDeadError(str(self.dead))
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt, add_special_tokens=True) if text is not None else [
-            int(t) for t in prompt]
+        # Raw text prompts parse special-token text ("<|im_start|>") as vLLM and HF do.
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True, parse_special=True) \
+            if text is not None else [int(t) for t in prompt]
         if not ids:
             raise InvalidPromptError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise InvalidPromptError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                                     f"[0, {self.model_config.vocab_size})")
+                                     f"[0, {vocab})")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:  # the runner bans them as int32 below min_tokens: checked here, not per step
+            raise InvalidSamplingError(f"stop_token_ids {bad[:5]} are outside the vocabulary "
+                                       f"[0, {vocab})")
         max_tokens = params.max_tokens if params.max_tokens is not None else \
             max(1, self.max_model_len - len(ids))
         if len(ids) + max_tokens > self.max_model_len:
@@ -190,12 +215,14 @@ class Engine:
                 f"context length of {self.max_model_len} tokens")
         group = _Group(request_id, text, ids, [], RequestMetrics(arrival_time or time.time()),
                        None if params.prompt_logprobs is None else [None])
+        if params.prompt_logprobs is not None:
+            group.prompt_texts = self._token_texts(ids)
         ids_of = [request_id] if params.n == 1 else [f"{k}_{request_id}" for k in range(params.n)]
+        seeds = self._sequence_seeds(params)
         added = []
         try:
             for k, seq_id in enumerate(ids_of):
-                p = params if params.n == 1 or params.seed is None else dataclasses.replace(
-                    params, seed=params.seed + k)  # n seeded samples that differ from each other
+                p = dataclasses.replace(params, seed=seeds[k]) if seeds[k] != params.seed else params
                 self.scheduler.add_request(Request(
                     seq_id, ids, max_tokens, eos_token_ids=self.eos_token_ids,
                     stop_token_ids=frozenset(params.stop_token_ids or ()),
@@ -210,6 +237,9 @@ class Engine:
                     stop=params.stop or (), include_stop_str_in_output=params.include_stop_str_in_output,
                     min_tokens=params.min_tokens),
                     logprobs=[] if params.logprobs is not None else None)
+                if params.logprobs is not None:
+                    seq.logprob_detok = IncrementalDetokenizer(
+                        self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
                 group.seqs.append(seq)
         except ValueError:
             for seq_id in added:
@@ -219,6 +249,18 @@ class Engine:
         for seq in group.seqs:
             self._seqs[seq.seq_id] = (group, seq)
             self._params_of[seq.seq_id] = seq.params
+
+    def _sequence_seeds(self, params: SamplingParams) -> list[int]:
+        """One seed per completion. Unseeded requests draw theirs from the engine's generator
+        (seeded by `EngineConfig.seed`, so a run of requests is reproducible); completion k > 0
+        of a seeded request gets a seed mixed from (seed, k): n samples that differ, any seed in
+        the allowed range, no overflow."""
+        if params.seed is None:
+            return [int(x) for x in self._rng.integers(0, 2**64, size=params.n, dtype=np.uint64)]
+        base = int(params.seed) % 2**64
+        return [params.seed] + [
+            int(np.random.SeedSequence([base, k]).generate_state(1, np.uint64)[0])
+            for k in range(1, params.n)]
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its pages. False if it is unknown or already finished."""
@@ -248,13 +290,35 @@ class Engine:
             return []
         try:
             result = self.runner.execute(scheduled, self._params_of)
-        except Exception:  # a failed device step finishes its requests with "error", never hangs them
-            log.exception("engine step failed; finishing its requests with finish_reason 'error'")
-            for s in scheduled.scheduled:
-                self.scheduler.finish_request(s.request_id, FinishReason.ERROR)
-            self.scheduler.update(scheduled, {})
-            return self._collect({s.request_id: "error" for s in scheduled.scheduled})
+        except Exception as e:  # noqa: BLE001 - recovered from, or the engine is declared dead
+            return self._recover(scheduled, e)
         return self._postprocess(scheduled, result)
+
+    def _recover(self, scheduled, error: Exception) -> list[RequestOutput]:
+        """After a failed step, whose write may have consumed the (donated) KV cache: a zeroed
+        cache, a check that the device still runs a step, and every running request recomputed.
+        A sequence in two failed steps finishes with "error" (it is the likely cause). Raises
+        EngineDeadError, and refuses new requests from then on, if the runner cannot run."""
+        log.error("engine step failed: %r; rebuilding the KV cache, recomputing its requests",
+                  error, exc_info=error)
+        self.num_failed_steps += 1
+        self.scheduler.recompute_all(scheduled)
+        try:
+            if self.runner.broadcast is not None:  # the workers' state is unknown: no recovery
+                raise RuntimeError("cannot recover a step of several processes")
+            self.runner.reset_cache()
+            self.runner.check()
+        except Exception as e:  # noqa: BLE001 - the engine is unusable
+            self.dead = EngineDeadError(f"a step failed ({error!r}) and the engine cannot run "
+                                        f"steps any more ({e!r})")
+            raise self.dead from error
+        reasons = {}
+        for s in scheduled.scheduled:
+            strikes = self._strikes[s.request_id] = self._strikes.get(s.request_id, 0) + 1
+            if strikes >= 2:
+                self.scheduler.finish_request(s.request_id, FinishReason.ERROR)
+                reasons[s.request_id] = "error"
+        return self._collect(reasons)
 
     def _postprocess(self, scheduled, result: StepResult) -> list[RequestOutput]:
         now = time.time()
@@ -268,24 +332,36 @@ class Engine:
             for j in range(len(lps)):
                 if len(group.prompt_logprobs) != pos + j + 1:
                     continue  # recomputed after a preemption: already recorded
-                target = group.prompt_token_ids[pos + j + 1]
+                at = pos + j + 1
                 group.prompt_logprobs.append(self._logprob_dict(
-                    k, target, lps[j], ranks[j], top_ids[j], top_lps[j]))
+                    k, group.prompt_token_ids[at], lps[j], ranks[j], top_ids[j], top_lps[j],
+                    group.prompt_token_ids[max(0, at - _CONTEXT):at], group.prompt_texts[at]))
+        reasons: dict[str, str] = {}
+        for seq_id, why in result.failed.items():  # their part of the step could not be built
+            log.error("request %s failed: %s", seq_id, why)
+            self.scheduler.finish_request(seq_id, FinishReason.ERROR)
+            reasons[seq_id] = "error"
         sampled = {rid: [int(t)] for rid, t in zip(result.request_ids, result.token_ids)}
         finished = {r.request_id: r for r in self.scheduler.update(scheduled, sampled)}
-        reasons: dict[str, str] = {}
         for i, seq_id in enumerate(result.request_ids):
             group, seq = self._seqs[seq_id]
             token = int(result.token_ids[i])
             seq.token_ids.append(token)
             seq.cumulative_logprob += float(result.logprobs[i])
             if seq.logprobs is not None:
-                seq.logprobs.append(self._position_logprobs(seq.params.logprobs, token, result, i))
+                n = len(seq.token_ids)  # the context: up to _CONTEXT tokens before this one
+                context = seq.token_ids[max(0, n - 1 - _CONTEXT):n - 1]
+                if len(context) < _CONTEXT:
+                    p = group.prompt_token_ids
+                    context = p[max(0, len(p) - _CONTEXT + len(context)):] + context
+                seq.logprobs.append(self._position_logprobs(
+                    seq.params.logprobs, token, result, i, context, seq.logprob_detok.add([token])))
             group.metrics.first_token_time = group.metrics.first_token_time or now
             group.metrics.last_token_time = now
             seq.text += seq.detok.add([token])
-            if seq.detok.stopped and seq_id not in finished:  # a stop string
-                self.scheduler.finish_request(seq_id, FinishReason.STOP)
+            if seq.detok.stopped:  # a stop string, also when completed on the last allowed token
+                if seq_id not in finished:
+                    self.scheduler.finish_request(seq_id, FinishReason.STOP)
                 reasons[seq_id] = "stop"
                 seq.stop_reason = seq.detok.stop_reason
             elif seq_id in finished:
@@ -295,21 +371,40 @@ class Engine:
                     seq.stop_reason = token
         return self._collect(reasons, touched={self._seqs[r][0].request_id for r in result.request_ids})
 
-    def _position_logprobs(self, k: int, token: int, r: StepResult, i: int) -> dict[int, Logprob]:
+    def _position_logprobs(self, k: int, token: int, r: StepResult, i: int, context,
+                           text: str) -> dict[int, Logprob]:
         top = (None, None) if r.top_logprob_ids is None else (r.top_logprob_ids[i], r.top_logprobs[i])
         return self._logprob_dict(k, token, r.logprobs[i], None if r.ranks is None else r.ranks[i],
-                                  *top)
+                                  *top, context, text)
 
-    def _logprob_dict(self, k, token, logprob, rank, top_ids, top_lps) -> dict[int, Logprob]:
-        """vLLM's shape for one position: the top-k and the chosen (or prompt) token."""
-        decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+    def _logprob_dict(self, k, token, logprob, rank, top_ids, top_lps, context: list[int],
+                      text: str) -> dict[int, Logprob]:
+        """vLLM's shape for one position: the top-k and the chosen (or prompt) token. `text` is
+        the chosen token's text; the others are decoded after `context` (the tokens before),
+        so a SentencePiece token keeps its leading space."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        base = decode(context) if context else ""
+
+        def in_context(t: int) -> str:
+            full = decode([*context, t])
+            return full[len(base):] if full.startswith(base) else decode([t])
+
         out = {}
         if k and top_ids is not None:
             for r, (tid, lp) in enumerate(zip(top_ids[:k], top_lps[:k]), 1):
-                out[int(tid)] = Logprob(float(lp), r, decode(int(tid)))
+                tid = int(tid)
+                out[tid] = Logprob(float(lp), r, text if tid == token else in_context(tid))
         if token not in out:
-            out[token] = Logprob(float(logprob), None if rank is None else int(rank), decode(token))
+            out[token] = Logprob(float(logprob), None if rank is None else int(rank), text)
         return out
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's text such that they concatenate to the decoded ids (a character split
+        over tokens goes with its last one)."""
+        detok = IncrementalDetokenizer(self.tokenizer, [], skip_special_tokens=False)
+        texts = [detok.add([t]) for t in ids]
+        texts[-1] += detok.flush()
+        return texts
 
     def _collect(self, reasons: dict[str, str], touched: set[str] = frozenset()) -> list[RequestOutput]:
         """Mark finished sequences, and build the outputs of every group that changed."""
@@ -319,6 +414,11 @@ class Engine:
             group, seq = self._seqs[seq_id]
             # Release text held back for a possible stop string (nothing if one was found).
             seq.text += seq.detok.flush()
+            rest = seq.logprob_detok.flush() if seq.logprob_detok and seq.logprobs else ""
+            if rest:  # an unfinished character at the end: it goes with the last token
+                last, token = seq.logprobs[-1], seq.token_ids[-1]
+                last[token] = dataclasses.replace(last[token],
+                                                  decoded_token=last[token].decoded_token + rest)
             seq.finish_reason = reason
             groups.add(group.request_id)
         outputs = []
@@ -337,6 +437,7 @@ class Engine:
     def _forget(self, seq_id: str):
         self._seqs.pop(seq_id, None)
         self._params_of.pop(seq_id, None)
+        self._strikes.pop(seq_id, None)
 
     def __repr__(self) -> str:
         c = self.model_config

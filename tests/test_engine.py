@@ -4,7 +4,9 @@ counts, seeded sampling, stop conditions, bad input."""
 import numpy as np
 import pytest
 
-from jaxserve.engine import InvalidPromptError
+import jax
+
+from jaxserve.engine import EngineDeadError, InvalidPromptError, InvalidSamplingError
 from jaxserve.llm import LLM
 from jaxserve.sampling import SamplingParams, SamplingParamsError
 
@@ -115,7 +117,7 @@ def test_stop_conditions(engine):
     # min_tokens: the stop token cannot be sampled before min_tokens outputs
     out = run(engine, [p], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[base.token_ids[0]],
                                           min_tokens=4, ignore_eos=True))["0"].outputs[0]
-    assert len(out.token_ids) >= 4 and base.token_ids[0] not in out.token_ids[:3]
+    assert len(out.token_ids) >= 4 and base.token_ids[0] not in out.token_ids[:4]
     # eos ends a request unless ignore_eos
     saved = engine.eos_token_ids
     try:
@@ -205,3 +207,173 @@ def test_prompt_logprobs_are_log_softmax(engine, tiny_model):
             np.argsort(-logp[pos - 1])[:2].tolist()
         for t, lp in lps.items():
             assert abs(lp.logprob - logp[pos - 1, t]) < tol
+
+
+def run_to_end(engine) -> dict:
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def test_stop_string_on_the_last_allowed_token_is_stop(engine):
+    p = prompts(1, seed=6)[0]
+    base = run(engine, [p], GREEDY)["0"].outputs[0]
+    end = base.text[-3:]  # completed by the 24th (last allowed) token
+    assert end not in base.text[:-3]
+    out = run(engine, [p], SamplingParams(temperature=0, max_tokens=24, stop=[end],
+                                          ignore_eos=True))["0"].outputs[0]
+    assert len(out.token_ids) == 24
+    assert (out.text, out.finish_reason, out.stop_reason) == (base.text[:-3], "stop", end)
+
+
+def test_token_ids_checked_at_submission(engine):
+    free = engine.scheduler.num_free_pages
+    for bad in (2**31, 10**30, engine.model_config.vocab_size):
+        with pytest.raises(InvalidSamplingError, match="stop_token_ids"):
+            engine.add_request("x", [1, 2], SamplingParams(stop_token_ids=[bad], min_tokens=2))
+    assert not engine.has_unfinished_requests() and engine.scheduler.num_free_pages == free
+
+
+def test_one_request_failing_to_build_fails_alone(engine):
+    """A request whose part of the step cannot be built (here: a ban id past int32 slipped in
+    after submission) finishes with "error"; the requests sharing its steps finish as alone."""
+    ps = prompts(3, seed=9)
+    alone = [run(engine, [p], GREEDY)["0"].outputs[0] for p in ps]
+    engine.add_request("bad", ps[0], SamplingParams(temperature=0, max_tokens=8, min_tokens=4,
+                                                    stop_token_ids=[5]))
+    engine.scheduler.get_request("bad").stop_token_ids = frozenset({2**40})
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, GREEDY)
+    done = run_to_end(engine)
+    assert done["bad"].outputs[0].finish_reason == "error"
+    for i in range(3):
+        assert done[str(i)].outputs[0].token_ids == alone[i].token_ids
+        assert done[str(i)].outputs[0].finish_reason == "length"
+    assert engine.num_failed_steps == 0
+    assert engine.scheduler.page_manager.num_used_pages == 0
+    engine.scheduler.page_manager.verify()
+
+
+def test_failed_step_recovers_by_recompute(engine, monkeypatch):
+    """A step that fails after consuming the donated KV cache: the cache is rebuilt, the device
+    checked, and every request recomputed: outputs as if nothing happened."""
+    ps = prompts(3, seed=10)
+    alone = [run(engine, [p], GREEDY)["0"].outputs[0].token_ids for p in ps]
+    real, calls = engine.runner.run, []
+
+    def flaky(inputs):
+        calls.append(1)
+        if len(calls) == 6:  # mid-decode
+            for x in jax.tree_util.tree_leaves(engine.runner.kv):
+                x.delete()  # as a failed donated write leaves it
+            raise RuntimeError("device hiccup")
+        return real(inputs)
+
+    monkeypatch.setattr(engine.runner, "run", flaky)
+    failed_before = engine.num_failed_steps
+    done = run(engine, ps, GREEDY)
+    assert engine.num_failed_steps == failed_before + 1
+    assert [done[str(i)].outputs[0].token_ids for i in range(3)] == alone
+    assert all(done[str(i)].outputs[0].finish_reason == "length" for i in range(3))
+    assert engine.scheduler.page_manager.num_used_pages == 0
+
+
+def test_request_in_two_failed_steps_is_an_error(engine, monkeypatch):
+    p = prompts(1, seed=11)[0]
+    real = engine.runner.execute
+
+    def poisoned(out, params_of):
+        if any(s.request_id == "bad" for s in out.scheduled):
+            raise RuntimeError("this request breaks every step")
+        return real(out, params_of)
+
+    monkeypatch.setattr(engine.runner, "execute", poisoned)
+    engine.add_request("bad", p, GREEDY)
+    done = run_to_end(engine)
+    assert done["bad"].outputs[0].finish_reason == "error"
+    assert engine.scheduler.page_manager.num_used_pages == 0 and engine.dead is None
+    monkeypatch.undo()
+    assert run(engine, [p], GREEDY)["0"].outputs[0].finish_reason == "length"
+
+
+def test_unrecoverable_runner_kills_the_engine(make_tiny_engine, monkeypatch):
+    engine = make_tiny_engine()
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    engine.add_request("a", [1, 2, 3], GREEDY)
+    monkeypatch.setattr(engine.runner, "_forward", broken)
+    with pytest.raises(EngineDeadError, match="device lost"):
+        engine.step()
+    with pytest.raises(EngineDeadError):
+        engine.add_request("b", [1, 2, 3], GREEDY)
+
+
+def test_engine_seed_reproduces_unseeded_runs(make_tiny_engine, engine):
+    sampled = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, n=2)
+    ps = prompts(2, seed=12)
+    first = run(make_tiny_engine(seed=3), ps, sampled)
+    again = run(make_tiny_engine(seed=3), ps, sampled)
+    other = run(make_tiny_engine(seed=4), ps, sampled)
+    ids = lambda done: [c.token_ids for i in range(2) for c in done[str(i)].outputs]  # noqa: E731
+    assert ids(first) == ids(again) and ids(first) != ids(other)
+    assert ids(first)[0] != ids(first)[1]  # the n completions differ
+
+
+def test_seeds_near_the_top_of_the_range_with_n(engine):
+    p = prompts(1, seed=13)[0]
+    top = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, n=3, seed=2**64 - 1)
+    out = run(engine, [p], top)["0"].outputs
+    assert len({tuple(c.token_ids) for c in out}) == 3
+    one = run(engine, [p], SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True,
+                                          seed=2**64 - 1))["0"].outputs[0]
+    assert one.token_ids == out[0].token_ids  # completion 0 keeps the request's seed
+
+
+def test_raw_prompts_parse_special_tokens(engine):
+    tok = engine.tokenizer
+    text = "<|im_start|>user\nHi<|im_end|>"
+    engine.add_request("s", text, SamplingParams(max_tokens=1))
+    ids = engine._groups["s"].prompt_token_ids
+    engine.abort("s")
+    assert ids == tok.encode(text, add_special_tokens=True, parse_special=True)
+    assert tok.encode("<|im_start|>", parse_special=True) == [tok.encode_chat(
+        [{"role": "user", "content": "x"}])[0]]
+
+
+def test_logprob_texts_concatenate_to_the_text_on_sentencepiece():
+    """A SentencePiece vocabulary (leading "▁" spaces, byte fallback): the chosen tokens'
+    log-prob texts concatenate to the output text, and echoed prompt tokens to the prompt."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxserve.config import ModelConfig
+    from jaxserve.engine import Engine
+    from jaxserve.models.llama import init_model
+    from jaxserve.tokenizer import Tokenizer
+    from tests.conftest import TINY, TINY_ENGINE
+    from tests.test_tokenizer import tiny_sentencepiece_meta
+
+    tok = Tokenizer.from_gguf_metadata(tiny_sentencepiece_meta())
+    config = ModelConfig.from_hf({**TINY, "vocab_size": tok.vocab_size})
+    model = init_model(config, jax.random.PRNGKey(1), jnp.float32, scale=0.5)
+    engine = Engine.from_components(dataclasses.replace(
+        TINY_ENGINE, decode_buckets=(1, 2), max_num_seqs=2), model, tok)
+    prompt = "hello world hey ü"
+    for seed in range(3):
+        done = run(engine, [prompt], SamplingParams(temperature=1.0, seed=seed, max_tokens=24,
+                                                    logprobs=2, prompt_logprobs=1,
+                                                    ignore_eos=True))["0"]
+        out = done.outputs[0]
+        chosen = [lps[t].decoded_token for t, lps in zip(out.token_ids, out.logprobs)]
+        assert "".join(chosen) == out.text
+        ids = done.prompt_token_ids
+        texts = [tok.decode(ids[:1], skip_special_tokens=False)] + [
+            lps[t].decoded_token for t, lps in zip(ids[1:], done.prompt_logprobs[1:])]
+        assert "".join(texts) == tok.decode(ids, skip_special_tokens=False)
+    assert any(t.startswith(" ") for t in texts)  # "▁world" keeps its space
