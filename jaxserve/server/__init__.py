@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
 
@@ -26,29 +29,43 @@ from jaxserve.server.protocol import ServerLimits
 log = logging.getLogger("jaxserve.server")
 
 
-def default_model_name(engine) -> str:
-    from pathlib import Path
+# A GGUF file's quantization tag, e.g. the ".Q4_1" of "SmolLM2-135M-Instruct.Q4_1.gguf".
+_QUANT_TAG = re.compile(r"[.\-_](I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
 
+
+def default_model_names(engine) -> list[str]:
+    """The model's name, then aliases clients may also send: for a GGUF file the name without
+    its quantization tag ("SmolLM2-135M-Instruct"), the file stem as an alias; for a folder its
+    name."""
     model = engine.config.model
     if model is None:
-        return "SmolLM2-135M-Instruct"
+        return ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1"]
     p = Path(model)
-    return p.stem if p.suffix == ".gguf" else p.name
+    if p.suffix != ".gguf":
+        return [p.name]
+    name = _QUANT_TAG.sub("", p.stem) or p.stem
+    return [name] if name == p.stem else [name, p.stem]
 
 
-def make_app(engine, *, model_name: str | None = None, api_key: str | None = None,
+def make_app(engine, *, model_name: str | Sequence[str] | None = None, api_key: str | None = None,
              limits: ServerLimits | None = None):
-    """(asgi app, AsyncEngine) over an Engine; the engine loop is started."""
-    name = model_name or default_model_name(engine)
+    """(asgi app, AsyncEngine) over an Engine; the engine loop is started. model_name: the name
+    `/v1/models` lists, or a list of names (the first listed, all accepted), as vLLM's
+    --served-model-name; default: default_model_names."""
+    names = default_model_names(engine) if not model_name else (
+        [model_name] if isinstance(model_name, str) else list(model_name))
+    name = names[0]
     limits = limits or ServerLimits()
     async_engine = AsyncEngine(engine, ServerMetrics(name),
                                max_waiting_requests=limits.max_waiting_requests,
                                keepalive_seconds=float(os.environ.get("JAXSERVE_KEEPALIVE_S", 60)))
     async_engine.start()
-    return build_app(async_engine, model_name=name, limits=limits, api_key=api_key), async_engine
+    return build_app(async_engine, model_name=name, limits=limits, api_key=api_key,
+                     aliases=names[1:]), async_engine
 
 
-def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+def serve(engine, *, host: str = "127.0.0.1", port: int = 8000,
+          model_name: str | Sequence[str] | None = None,
           api_key: str | None = None, limits: ServerLimits | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info") -> int:
     app, async_engine = make_app(engine, model_name=model_name, api_key=api_key, limits=limits)

@@ -14,12 +14,14 @@ import dataclasses
 import hmac
 import re
 import uuid
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from jaxserve.engine import EngineDeadError
 from jaxserve.server.async_engine import AsyncEngine, EngineUnavailableError
 from jaxserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                       RequestError, ServerLimits, TokenizeRequest)
@@ -32,16 +34,22 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
 
 
 def _error(status: int, message: str, param: str | None = None, code=None, type=None) -> JSONResponse:
-    return JSONResponse(error_body(message, type or _TYPES.get(status, "invalid_request_error"),
-                                   param, code), status_code=status)
+    return JSONResponse(error_body(_utf8(message), type or _TYPES.get(status, "invalid_request_error"),
+                                   _utf8(param), code), status_code=status)
+
+
+def _utf8(text: str | None) -> str | None:
+    """A message may quote the client's input: a lone surrogate in it must not make it a 500."""
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode()
 
 
 def build_app(engine: AsyncEngine, *, model_name: str, limits: ServerLimits | None = None,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None, aliases: Sequence[str] = ()) -> FastAPI:
+    """aliases: further names clients may send as `model` (`/v1/models` lists `model_name`)."""
     limits = limits or ServerLimits(max_waiting_requests=engine.max_waiting_requests)
     if limits.max_tokens is None:
         limits = dataclasses.replace(limits, max_tokens=engine.engine.max_model_len)
-    serving = OpenAIServing(engine, model_name, limits)
+    serving = OpenAIServing(engine, model_name, limits, aliases)
     app = FastAPI(title="jaxserve", version="0.1", summary="OpenAI-compatible LLM server on JAX")
     app.state.engine, app.state.serving = engine, serving
     if engine.metrics is not None:
@@ -65,6 +73,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, limits: ServerLimits | No
         return _error(exc.status, exc.message, exc.param, exc.code, exc.type)
 
     @app.exception_handler(EngineUnavailableError)
+    @app.exception_handler(EngineDeadError)
     async def _unavailable(request, exc):
         return _error(503, str(exc))
 
@@ -110,12 +119,14 @@ def build_app(engine: AsyncEngine, *, model_name: str, limits: ServerLimits | No
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
+        body.check_text()
         serving.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("give exactly one of prompt and messages", param="prompt")
         tok = serving.tokenizer
         try:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens) \
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens,
+                             parse_special=True) \
                 if body.prompt is not None else \
                 tok.encode_chat(body.messages, add_generation_prompt=body.add_generation_prompt)
         except (ValueError, TypeError) as e:
@@ -124,6 +135,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, limits: ServerLimits | No
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
+        body.check_text()
         serving.check_model(body.model)
         vocab = engine.engine.model_config.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]

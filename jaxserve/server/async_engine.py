@@ -1,5 +1,6 @@
 """AsyncEngine: one thread drives `Engine.step()` for every HTTP request (continuous batching
-across requests); coroutines talk to it through an inbox and per-request output queues.
+across requests); coroutines talk to it through an inbox and one `Stream` per submission, which
+holds at most the newest unread output of each request.
 
     engine = AsyncEngine(Engine(...), metrics)
     engine.start()
@@ -42,7 +43,7 @@ class EngineUnavailableError(JaxserveError, RuntimeError):
 @dataclasses.dataclass
 class _Tracked:  # one engine request, seen from the engine thread
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    out: Stream
     num_prompt_tokens: int
     n: int
     num_tokens: int = 0  # output tokens seen so far (all n completions)
@@ -52,12 +53,29 @@ class _Tracked:  # one engine request, seen from the engine thread
 
 class Stream:
     """The outputs of one submission, in engine order, until each of its requests finished.
-    Closing it (or leaving its `with`) aborts the requests that have not finished."""
+    Closing it (or leaving its `with`) aborts the requests that have not finished.
 
-    def __init__(self, ids: list[str], outq: asyncio.Queue, abort):
-        self.ids, self._out, self._abort = ids, outq, abort
+    Outputs are cumulative, so a request's unread output is replaced by its newer one: a reader
+    slower than the engine holds at most one output per request (as vLLM's output collectors),
+    never the whole history of a long stream."""
+
+    def __init__(self, ids: list[str]):
+        self.ids, self._abort = ids, None
         self._index = {rid: i for i, rid in enumerate(ids)}
         self.finished: set[str] = set()
+        # Unread items in arrival order: request id -> its newest output; None -> a failure.
+        self._unread: dict[str | None, RequestOutput | BaseException] = {}
+        self._ready = asyncio.Event()
+
+    def _offer(self, item: RequestOutput | BaseException):
+        """On the submitter's event loop (the engine thread posts it with call_soon_threadsafe)."""
+        key = item.request_id if isinstance(item, RequestOutput) else None
+        self._unread[key] = item  # replaces an older unread output, keeping its place in order
+        self._ready.set()
+
+    @property
+    def num_unread(self) -> int:
+        return len(self._unread)
 
     def close(self):
         left = [rid for rid in self.ids if rid not in self.finished]
@@ -77,7 +95,10 @@ class Stream:
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while len(self.finished) < len(self.ids):
-            item = await self._out.get()
+            while not self._unread:
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._unread.pop(next(iter(self._unread)))
             if isinstance(item, BaseException):
                 raise item
             if item.finished:
@@ -97,7 +118,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._ids = itertools.count()
-        self._pending = 0  # prompts posted but not yet admitted (counted for the queue cap)
+        self._pending = 0  # sequences posted but not yet admitted (counted for the queue cap)
         self._pending_lock = threading.Lock()
         self._stopping = False
         self.draining = False  # no new requests: shutting down
@@ -164,15 +185,16 @@ class AsyncEngine:
             raise EngineUnavailableError("the server is shutting down")
         if not self.alive:
             raise EngineUnavailableError(f"the engine loop is not running ({self.error!r})")
-        if self.num_waiting + len(prompts) > self.max_waiting_requests:
+        num_seqs = sum(params.n for _, params in prompts)  # the queue holds sequences
+        if self.num_waiting + num_seqs > self.max_waiting_requests:
             raise EngineUnavailableError(
                 f"the request queue is full ({self.max_waiting_requests} waiting); retry later")
         loop = asyncio.get_running_loop()
-        outq: asyncio.Queue = asyncio.Queue()
         ids = [f"r{next(self._ids)}" for _ in prompts]
+        stream = Stream(ids)
         admitted = concurrent.futures.Future()
-        self._count_pending(len(prompts))
-        self._post(("add", ids, list(prompts), time.time(), loop, outq, admitted))
+        self._count_pending(num_seqs)
+        self._post(("add", ids, list(prompts), time.time(), loop, stream, admitted))
         if self.error is not None:  # the loop died after the check above: nobody will admit it
             self._fail_inbox()
         try:
@@ -180,7 +202,8 @@ class AsyncEngine:
         except asyncio.CancelledError:  # the client left before admission
             self._post(("abort", ids))
             raise
-        return Stream(ids, outq, lambda left: self._post(("abort", left)))
+        stream._abort = lambda left: self._post(("abort", left))
+        return stream
 
     def _count_pending(self, delta: int):
         with self._pending_lock:
@@ -229,7 +252,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if item[0] == "add":
-                self._count_pending(-len(item[2]))
+                self._count_pending(-sum(params.n for _, params in item[2]))
                 item[-1].set_exception(EngineUnavailableError(
                     f"the engine loop is not running ({self.error!r})"))
             elif item[0] == "abort_all":
@@ -261,13 +284,13 @@ class AsyncEngine:
             self.metrics.count_abort(unfinished)
         return t
 
-    def _add(self, ids, prompts, arrival, loop, outq, admitted):
+    def _add(self, ids, prompts, arrival, loop, stream, admitted):
         added = []
         try:
             for rid, (prompt_ids, params) in zip(ids, prompts):
                 self.engine.add_request(rid, prompt_ids, params, arrival_time=arrival)
                 added.append(rid)
-                self._tracked[rid] = _Tracked(loop, outq, len(prompt_ids), params.n)
+                self._tracked[rid] = _Tracked(loop, stream, len(prompt_ids), params.n)
         except Exception as e:  # noqa: BLE001 - handed to the submitter
             for rid in added:
                 self.engine.abort(rid)
@@ -276,7 +299,7 @@ class AsyncEngine:
         else:
             admitted.set_result(None)
         finally:
-            self._count_pending(-len(prompts))
+            self._count_pending(-sum(params.n for _, params in prompts))
 
     def _deliver(self, out: RequestOutput):
         t = self._tracked.get(out.request_id)
@@ -296,7 +319,7 @@ class AsyncEngine:
     @staticmethod
     def _push(t: _Tracked, item):
         with contextlib.suppress(RuntimeError):  # the submitter's loop is closed: nobody listens
-            t.loop.call_soon_threadsafe(t.out.put_nowait, item)
+            t.loop.call_soon_threadsafe(t.out._offer, item)
 
 
 def _aborted(request_id: str, n: int, last: RequestOutput | None) -> RequestOutput:

@@ -5,7 +5,9 @@ Field names and defaults follow OpenAI's API reference; vLLM's extra sampling fi
 min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
 include_stop_str_in_output) are accepted as extra body fields, as vLLM does. Unknown fields are
 ignored (as OpenAI and vLLM do); fields we cannot honour (logit_bias, tools, response_format,
-suffix) are refused with a 400 naming them instead of being silently dropped.
+suffix) are refused with a 400 naming them instead of being silently dropped. Every string must
+be valid Unicode (`check_text`), chat_template_kwargs are limited to CHAT_TEMPLATE_KWARGS, and
+one request may not ask for more sequences (prompts x n) than the queue holds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxserve.errors import ConfigError
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
 
 
@@ -29,7 +32,13 @@ class ServerLimits:
     max_tokens: int | None = None  # None = the context length
     max_logprobs: int = MAX_LOGPROBS
     max_request_bytes: int = 1 << 20  # body size (413 beyond)
-    max_waiting_requests: int = 256  # queued sequences (503 beyond)
+    max_waiting_requests: int = 256  # queued sequences (503 beyond; 400 for one request beyond)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f.name, f"must be an integer >= 1, got {value!r}")
 
 
 class RequestError(ValueError):
@@ -41,8 +50,45 @@ class RequestError(ValueError):
         self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
 
 
+# chat_template_kwargs a client may set: switches that chat templates read. Nothing that could
+# override what the server renders (bos_token, messages, tools, add_generation_prompt, ...).
+CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "thinking", "reasoning_effort"})
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+MAX_NESTING = 32  # lists and objects inside one field
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    def check_text(self):
+        """Every string of the body, keys included, must be valid Unicode: JSON can carry a lone
+        surrogate ("\\ud800"), which no tokenizer or UTF-8 encoder takes. And no value nests
+        deeper than MAX_NESTING (templates and copies of messages recurse)."""
+        for name in type(self).model_fields:
+            problem = _check_value(getattr(self, name))
+            if problem:
+                raise RequestError(f"{name} {problem}", param=name)
+
+
+def _check_value(value) -> str | None:
+    """What is wrong with a field's value (invalid Unicode, nesting too deep), or None."""
+    stack = [(value, 0)]  # iterative: a deeply nested body must not exhaust the Python stack
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "holds invalid Unicode (a lone surrogate)"
+            continue
+        if isinstance(value, BaseModel):
+            value = value.__dict__
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_NESTING:
+                return f"nests lists and objects deeper than {MAX_NESTING} levels"
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items)
+    return None
 
 
 class StreamOptions(_Body):
@@ -93,6 +139,14 @@ class _SamplingBody(_Body):
                                f"{logprobs}", param="logprobs")
         if self.stop_token_ids is not None and len(self.stop_token_ids) > 256:
             raise RequestError("at most 256 stop_token_ids are allowed", param="stop_token_ids")
+        if self.n * self.num_prompts > limits.max_waiting_requests:
+            raise RequestError(f"this request asks for {self.n * self.num_prompts} sequences "
+                               f"(prompts x n); at most {limits.max_waiting_requests} may wait",
+                               param="n")
+
+    @property
+    def num_prompts(self) -> int:
+        return 1
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None,
                   prompt_logprobs: int | None = None) -> SamplingParams:
@@ -135,6 +189,10 @@ class CompletionRequest(_SamplingBody):
             return [p]
         return list(p)
 
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts())
+
     def sampling_params(self, limits: ServerLimits) -> SamplingParams:
         if self.suffix:
             raise RequestError("suffix is not supported", param="suffix")
@@ -147,7 +205,8 @@ class CompletionRequest(_SamplingBody):
         if len(prompts) > limits.max_prompts:
             raise RequestError(f"at most {limits.max_prompts} prompts per request, got "
                                f"{len(prompts)}", param="prompt")
-        return self._sampling(self.max_tokens, self.logprobs,
+        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        return self._sampling(max_tokens, self.logprobs,
                               self.logprobs if self.echo and self.logprobs is not None else None)
 
 
@@ -170,6 +229,14 @@ class ChatCompletionRequest(_SamplingBody):
                                param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        for key, value in (self.chat_template_kwargs or {}).items():
+            if key not in CHAT_TEMPLATE_KWARGS:
+                raise RequestError(f"chat_template_kwargs may set only "
+                                   f"{', '.join(sorted(CHAT_TEMPLATE_KWARGS))}; got {key!r}",
+                                   param="chat_template_kwargs")
+            if not isinstance(value, (bool, int, float, str)) and value is not None:
+                raise RequestError(f"chat_template_kwargs[{key!r}] must be a boolean, number or "
+                                   "string", param="chat_template_kwargs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
         top = (self.top_logprobs or 0) if self.logprobs else None

@@ -10,15 +10,18 @@ chunk and `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from jaxserve.engine import InvalidSamplingError
 from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling import SamplingParams, SamplingParamsError
 from jaxserve.server.async_engine import AsyncEngine, EngineUnavailableError
 from jaxserve.server.protocol import (ChatCompletionRequest, CompletionRequest, RequestError,
                                       ServerLimits)
@@ -50,14 +53,16 @@ async def until_disconnected(http: Request):
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_name: str, limits: ServerLimits):
+    def __init__(self, engine: AsyncEngine, model_name: str, limits: ServerLimits,
+                 aliases: Sequence[str] = ()):
         self.engine, self.model_name = engine, model_name
+        self.names = {model_name, *aliases}  # what clients may send as `model`
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.limits = limits
 
     def check_model(self, model: str | None):
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.names:
             raise RequestError(f"the model `{model}` does not exist; this server serves "
                                f"`{self.model_name}`", param="model", status=404,
                                code="model_not_found")
@@ -65,21 +70,34 @@ class OpenAIServing:
     # -- /v1/completions ------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, http: Request):
+        body.check_text()
         self.check_model(body.model)
         params = body.sampling_params(self.limits)
         prompts = []
         for p in body.prompts():
-            if isinstance(p, str):
-                ids = self.tokenizer.encode(p, add_special_tokens=True)
+            if isinstance(p, str):  # special-token text is parsed, as vLLM and HF do
+                ids = self.tokenizer.encode(p, add_special_tokens=True, parse_special=True)
                 prompts.append((p, ids))
             else:
                 prompts.append((None, list(p)))
         fmt = _CompletionFormat(self, body, prompts)
-        return await self._respond(body, http, [(ids, params) for _, ids in prompts], fmt)
+        return await self._respond(body, http, [(ids, self._room(body, params, ids))
+                                                for _, ids in prompts], fmt)
+
+    def _room(self, body: CompletionRequest, params: SamplingParams, ids) -> SamplingParams:
+        """Without max_tokens, OpenAI's 16, cut to what the context leaves (as vLLM does)."""
+        room = self.max_model_len - len(ids)
+        if body.max_tokens is not None or not 1 <= room < params.max_tokens:
+            return params
+        try:
+            return dataclasses.replace(params, max_tokens=room)
+        except SamplingParamsError as e:  # min_tokens above what is left
+            raise RequestError(str(e), param="min_tokens") from None
 
     # -- /v1/chat/completions -------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, http: Request):
+        body.check_text()
         self.check_model(body.model)
         params = body.sampling_params(self.limits)
         try:
@@ -95,6 +113,8 @@ class OpenAIServing:
     async def _respond(self, body, http: Request, prompts, fmt):
         try:
             stream = await self.engine.submit(prompts)
+        except InvalidSamplingError as e:  # stop_token_ids outside the vocabulary
+            raise RequestError(str(e), param="stop_token_ids") from None
         except ValueError as e:  # the engine refused a prompt (too long, out of vocabulary)
             raise RequestError(str(e), param="messages" if isinstance(body, ChatCompletionRequest)
                                else "prompt") from None
