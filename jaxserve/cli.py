@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 
 def _engine_args(p: argparse.ArgumentParser):
@@ -77,10 +79,14 @@ def cmd_generate(a) -> int:
 
 
 def cmd_chat(a) -> int:
+    from jaxserve.errors import JaxserveError
+
     params = _sampling_params(a)
     llm = _llm(a)
-    history = [{"role": "system", "content": a.system}] if a.system else []
-    print("jaxserve chat: type a message, /reset to start over, Ctrl-D to quit.", file=sys.stderr)
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    turns: list[dict] = []  # user and assistant messages after the system prompt
+    print("jaxserve chat: type a message, /reset to start over, Ctrl-C to stop a reply, Ctrl-D "
+          "to quit.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -88,19 +94,59 @@ def cmd_chat(a) -> int:
             print(file=sys.stderr)
             return 0
         if line.strip() == "/reset":
-            history = history[:1] if a.system else []
+            turns = []
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
+        turns.append({"role": "user", "content": line})
+        turns = _fit_context(llm, system, turns, params.max_tokens)
+        if not turns:
+            continue
         reply = []
         # Each turn re-sends the conversation; its pages are found in the prefix cache, so only
         # the new message is computed.
-        for delta in llm.stream(history, params):
-            print(delta, end="", flush=True)
-            reply.append(delta)
+        stream = llm.stream(system + turns, params)
+        # Ctrl-C stops this reply only: it is noted, and acted on between deltas, never inside
+        # an engine step (which would leave the step half-applied).
+        stopped = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: stopped.set())
+        try:
+            for delta in stream:
+                print(delta, end="", flush=True)
+                reply.append(delta)
+                if stopped.is_set():
+                    print(" [stopped]", end="", file=sys.stderr)
+                    break
+        except JaxserveError as e:
+            print(f"\njaxserve: error: {e}", file=sys.stderr)
+            turns.pop()
+            continue
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            stream.close()  # aborts the request if it has not finished
         print()
-        history.append({"role": "assistant", "content": "".join(reply)})
+        turns.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _fit_context(llm, system: list[dict], turns: list[dict], max_tokens: int | None) -> list[dict]:
+    """Drop the oldest turns (saying so) until the conversation leaves room for the reply
+    (`max_tokens`, or a quarter of the context) in the model's context."""
+    limit = llm.engine.max_model_len
+    room = max_tokens if max_tokens is not None else limit // 4
+    tokenizer = llm.get_tokenizer()
+    dropped = 0
+    while turns and len(tokenizer.encode_chat(system + turns)) + room > limit:
+        turns = turns[1:]
+        while turns and turns[0]["role"] != "user":  # start at a user message
+            turns = turns[1:]
+        dropped += 1
+    if not turns:
+        print(f"jaxserve: this message is too long for the context ({limit} tokens with "
+              f"{room} for the reply); send a shorter one", file=sys.stderr)
+    elif dropped:
+        print(f"(dropped the oldest {dropped} message(s) to fit the context of {limit} tokens)",
+              file=sys.stderr)
+    return turns
 
 
 def cmd_serve(a) -> int:
@@ -111,13 +157,13 @@ def cmd_serve(a) -> int:
     from jaxserve.server import ServerLimits, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = ServerLimits(max_n=a.max_n, max_waiting_requests=a.max_waiting_requests,
+                          max_request_bytes=a.max_request_bytes)  # checked before loading
     engine = _llm(a).engine
     if not multihost.is_leader():  # other processes compute the steps process 0 broadcasts
         steps = multihost.run_worker(engine)
         logging.getLogger("jaxserve").info("worker: process 0 stopped; ran %d steps", steps)
         return 0
-    limits = ServerLimits(max_n=a.max_n, max_waiting_requests=a.max_waiting_requests,
-                          max_request_bytes=a.max_request_bytes)
     try:
         return serve(engine, host=a.host, port=a.port, model_name=a.served_model_name,
                      api_key=a.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
@@ -163,7 +209,9 @@ def main(argv=None) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY' on "
                    "/v1/* (default: $JAXSERVE_API_KEY; none = open)")
-    s.add_argument("--served-model-name", default=None, help="the model id clients send")
+    s.add_argument("--served-model-name", nargs="+", default=None, help="the model id "
+                   "clients send; several names: the first is listed, all are accepted "
+                   "(default: the model's name, e.g. SmolLM2-135M-Instruct for its GGUF file)")
     s.add_argument("--max-waiting-requests", type=int, default=256, help="queued sequences "
                    "beyond which requests get 503")
     s.add_argument("--max-request-bytes", type=int, default=1 << 20)
@@ -194,9 +242,20 @@ def main(argv=None) -> int:
 
     try:
         return a.func(a)
-    except JaxserveError as e:
-        print(f"jaxserve: error: {e}", file=sys.stderr)
+    except JaxserveError as e:  # configuration and input errors: one line, naming the flag
+        print(f"jaxserve: error: {_name_flags(str(e), vars(a))}", file=sys.stderr)
         return 2
+
+
+def _name_flags(message: str, options: dict) -> str:
+    """The message with each option's field name (`max_num_seqs`) written as its flag."""
+    import re
+
+    names = sorted((n for n in options if "_" in n), key=len, reverse=True)
+    if not names:
+        return message
+    return re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b",
+                  lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 if __name__ == "__main__":
