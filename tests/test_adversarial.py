@@ -3,8 +3,9 @@ requests: every hostile request gets a 4xx in OpenAI's error shape, every well-f
 exactly what it gets alone, nothing answers 5xx, no KV page leaks, and the server is healthy
 after. Then property-based text (surrogates, control-token text, NULs) through every text field.
 
-The tiny random model behind SmolLM2's real tokenizer keeps steps fast; what is tested is the
-server and the engine around the model, which are the same for every model."""
+The tiny random model behind SmolLM2's real tokenizer keeps steps fast (what is tested is the
+server and the engine around the model, the same for every model); the mix also runs on the
+real default model (marked slow)."""
 
 import asyncio
 import json
@@ -168,7 +169,23 @@ def wait_idle(engine, timeout=60):
 
 
 def test_hostile_requests_harm_no_one(server):
-    url, engine = server
+    check_mix(*server)
+
+
+@pytest.mark.slow
+def test_hostile_requests_harm_no_one_on_the_default_model(default_model_path):
+    """The same mix against the real default model (float32: batch-invariant greedy and seeded
+    outputs, as tests/test_default_model.py checks)."""
+    from jaxserve.config import EngineConfig
+    from jaxserve.engine import Engine
+
+    engine = Engine(EngineConfig(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
+                                 decode_buckets=(1, 2, 4, 8), num_kv_pages=256), progress=False)
+    with thread_server(engine) as s:
+        check_mix(*s)
+
+
+def check_mix(url, engine):
     pm = engine.engine.scheduler.page_manager
 
     async def alone():
