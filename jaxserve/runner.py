@@ -65,6 +65,7 @@ from jaxserve.sched import SchedulerOutput
 
 PREFILL_QUERY_BLOCK = 16
 NUM_TOP_LOGPROBS = 20  # top log-probs are computed for 20 and cut on host: one sampler variant
+_FAILED_ROW = SamplingParams(temperature=0)  # the row of a request whose inputs failed to build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,8 @@ class StepResult:
     top_logprobs: np.ndarray | None  # [n, 20]
     ranks: np.ndarray | None  # [n]
     prompt_logprobs: dict = dataclasses.field(default_factory=dict)  # see ModelRunner._prompt_step
+    # Requests whose part of the step could not be built: {request_id: why}. They sampled nothing.
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -157,8 +160,13 @@ class ModelRunner:
         self.token_buckets = _powers_of_two(min(16, engine.max_num_batched_tokens),
                                             engine.max_num_batched_tokens)
         self.layers_per_program = _group_size(config.num_layers, engine.layers_per_program)
-        self._embed_def, self._layer_def, self._head_def = self.sync_weights()
-        embed_def, layer_def, head_def = self._embed_def, self._layer_def, self._head_def
+        # every parameter's shape, dtype and sharding, as the programs are compiled for them
+        state = nnx.state(self.model)
+        self._params = [jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value())
+                        for (_, v), (_, s) in zip(nnx.to_flat_state(state), nnx.to_flat_state(
+                            parallel.state_shardings(state, self.mesh)))]
+        self._splits = None
+        embed_def, layer_def, head_def = self.sync_weights()
         rep, mesh = self._replicated, self.mesh
 
         def head(head_leaves, embed_leaves, hidden, logits_indices):
@@ -181,31 +189,39 @@ class ModelRunner:
         self._compiled: dict[tuple, object] = {}
         self.compile_seconds = 0.0
 
-    def sync_weights(self) -> tuple[_Split, _Split, _Split]:
+    def sync_weights(self, *, full: bool = False) -> tuple[_Split, _Split, _Split]:
         """Read the model's parameters into the leaves the programs take (after a change to
-        `self.model`'s weights, e.g. in a notebook); returns the splits. Arrays are first put at
-        the sharding their logical axes give (a no-op for arrays already there). The structure
-        may not change: the programs were compiled for one graph definition of every layer."""
+        `self.model`'s weights, e.g. in a notebook); returns the splits. An edited array is put
+        at its parameter's sharding; its shape and dtype, and the model's structure, must stay
+        what the programs were compiled for.
+
+        Walking the NNX graph costs ~45 ms for SmolLM2's 30 layers, so by default only the
+        parameters' values are compared with what was last read (~0.1 ms); after replacing a
+        module or a Variable object, pass full=True."""
+        if not full and self._splits is not None and all(
+                var.get_raw_value() is x for var, x in zip(self._variables, self._values)):
+            return self._splits
         state = nnx.state(self.model)
-        if not hasattr(self, "_target_shardings"):
-            self._target_shardings = [v.get_value() for _, v in nnx.to_flat_state(
-                parallel.state_shardings(state, self.mesh))]
-        for (_, var), sharding in zip(nnx.to_flat_state(state), self._target_shardings, strict=True):
+        flat = list(nnx.to_flat_state(state))
+        for (path, var), want in zip(flat, self._params, strict=True):
             x = var.get_value()
-            if not isinstance(x, jax.Array) or x.sharding != sharding:
-                var.set_value(parallel.place(x, sharding))
+            if (tuple(x.shape), jnp.dtype(x.dtype)) != (want.shape, want.dtype):
+                raise ValueError(f"parameter {'/'.join(map(str, path))} is now {x.dtype}{list(x.shape)}; "
+                                 f"the compiled programs take {want.dtype}{list(want.shape)}")
+            if not isinstance(x, jax.Array) or x.sharding != want.sharding:
+                var.set_value(parallel.place(x, want.sharding))
         nnx.update(self.model, state)
         embed_def, self._embed_leaves = _Split.of(self.model.embed)
         head_def, self._head_leaves = _Split.of(self.model.head)
         layers = [_Split.of(layer) for layer in self.model.layers]
-        layer_def = layers[0][0]
-        if any(d != layer_def for d, _ in layers):
-            raise ValueError("every decoder layer must have the same graph definition")
         self._layer_leaves = [leaves for _, leaves in layers]
-        splits = embed_def, layer_def, head_def
-        if hasattr(self, "_embed_def") and splits != (self._embed_def, self._layer_def,
-                                                       self._head_def):
-            raise ValueError("the model's structure changed since its programs were compiled")
+        splits = embed_def, layers[0][0], head_def
+        if any(d != splits[1] for d, _ in layers) or self._splits not in (None, splits):
+            raise ValueError("the model's structure changed (every decoder layer must keep the one "
+                             "graph definition the programs were compiled for)")
+        self._variables = [var for _, var in nnx.to_flat_state(nnx.state(self.model))]
+        self._values = [var.get_raw_value() for var in self._variables]
+        self._splits = splits
         return splits
 
     # -- buckets and compilation ------------------------------------------------------------
@@ -312,22 +328,28 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, params_of: dict[str, SamplingParams]) -> StepResult:
         """Run one scheduled step; sample for the entries whose step completes a prefill or decodes."""
         sched = out.scheduled
-        inputs, prompt_rows = self.prepare(out, params_of)
+        inputs, prompt_rows, failed = self.prepare(out, params_of)
         if self.broadcast is not None:
             self.broadcast(inputs)
         res, prompt_out = jax.device_get(self.run(inputs))
-        keep = np.array([i for i, s in enumerate(sched) if s.samples_token], np.int64)
+        keep = np.array([i for i, s in enumerate(sched) if s.samples_token
+                         and s.request_id not in failed], np.int64)
         pick = lambda x: None if x is None else np.asarray(x)[keep]
         prompt = {rid: (pos, tuple(np.asarray(x)[at:at + n] for x in prompt_out))
                   for rid, (pos, at, n) in prompt_rows.items()}
         return StepResult([sched[i].request_id for i in keep], pick(res.token_ids),
                           pick(res.logprobs), pick(res.top_logprob_ids), pick(res.top_logprobs),
-                          pick(res.ranks), prompt)
+                          pick(res.ranks), prompt, failed)
 
     def prepare(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
-                ) -> tuple[StepInputs, dict]:
-        """The step as host arrays, and {request_id: (first prompt position, first row on T,
-        rows)} of the requests that asked for prompt log-probs. No device work."""
+                ) -> tuple[StepInputs, dict, dict[str, str]]:
+        """The step as host arrays; {request_id: (first prompt position, first row on T, rows)}
+        of the requests that asked for prompt log-probs; and {request_id: why} of requests whose
+        part of the step could not be built. No device work.
+
+        One request's part must never fail the others: if building the sampling inputs fails,
+        each request's part is built alone to find the culprits, whose rows then run greedy with
+        nothing banned and no prompt log-probs; their tokens are dropped (`StepResult.failed`)."""
         sched = out.scheduled
         qlens = [s.num_new_tokens for s in sched]
         b = self.bucket_for(sum(qlens), len(sched), all(q == 1 for q in qlens))
@@ -337,21 +359,41 @@ class ModelRunner:
         last = np.cumsum(qlens) - 1  # each request's last token: where its next token is sampled
         logits_indices = np.zeros(b.num_requests, np.int32)
         logits_indices[:len(sched)] = last
+        sp = [params_of[s.request_id] for s in sched]
+        failed: dict[str, str] = {}
+        try:
+            parts = self._sampling_inputs(b, sched, sp)
+        except Exception:  # noqa: BLE001 - isolated below, request by request
+            for s, p in zip(sched, sp):
+                try:
+                    self._sampling_inputs(self._prefill_bucket(self.token_buckets[-1]), [s], [p])
+                except Exception as e:  # noqa: BLE001 - reported as this request's error
+                    failed[s.request_id] = f"{type(e).__name__}: {e}"
+            if not failed:
+                raise  # the batch as a whole, not one request: a step failure
+            sp = [_FAILED_ROW if s.request_id in failed else p for s, p in zip(sched, sp)]
+            parts = self._sampling_inputs(b, sched, sp, skip=set(failed))
+        tensors, ban, targets, rows = parts
+        num_logprobs = NUM_TOP_LOGPROBS if any(p.logprobs for p in sp) else 0
+        return StepInputs(b, ids, md, logits_indices, tensors, ban, num_logprobs, targets), rows, failed
+
+    def _sampling_inputs(self, b: Bucket, sched, sp: list[SamplingParams], skip=frozenset()):
+        """(SamplingTensors, banned [R, k], prompt targets, prompt rows) of a step's requests;
+        requests in `skip` ban nothing."""
         reqs = [s.request for s in sched]
-        sp = [params_of[r.request_id] for r in reqs]
         banned = [list(r.eos_token_ids | r.stop_token_ids)
-                  if r.num_output_tokens < p.min_tokens else [] for r, p in zip(reqs, sp)]
+                  if r.num_output_tokens < p.min_tokens and r.request_id not in skip else []
+                  for r, p in zip(reqs, sp)]
         width = max((len(x) for x in banned), default=0)
         ban = np.full((b.num_requests, 1 << max(0, width - 1).bit_length() if width else 0), -1,
                       np.int32)
         for i, banned_ids in enumerate(banned):
-            ban[i, :len(banned_ids)] = banned_ids
+            ban[i, :len(banned_ids)] = banned_ids  # ids were checked against V at submission
         tensors = SamplingTensors.from_params(
             sp, [r.num_output_tokens for r in reqs], [r.output_token_ids for r in reqs],
             [r.prompt_token_ids for r in reqs], self.config.vocab_size, pad_to=b.num_requests)
-        num_logprobs = NUM_TOP_LOGPROBS if any(p.logprobs for p in sp) else 0
         targets, rows = self._prompt_targets(b, sched, sp)
-        return StepInputs(b, ids, md, logits_indices, tensors, ban, num_logprobs, targets), rows
+        return tensors, ban, targets, rows
 
     def run(self, inputs: StepInputs) -> tuple[SamplerOutput, tuple | None]:
         """The device work of one step (every process runs it): forward, cache write, sampling,
@@ -369,6 +411,21 @@ class ModelRunner:
             prompt_out = self._program(("prompt_logprobs", b.num_tokens), self._prompt_logprobs,
                                        hl, el, hidden, targets)(hl, el, hidden, targets)
         return res, prompt_out
+
+    def reset_cache(self):
+        """A zeroed KV cache in place of one a failed step may have consumed (it is donated to
+        every write): what it held is lost, so its requests must recompute."""
+        self.kv = jax.tree_util.tree_map(
+            lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self.kv)
+
+    def check(self):
+        """Run the smallest bucket on a dummy batch (it writes only page 0, the padding page) and
+        wait for it: raises if the device can no longer run steps."""
+        b = self.all_buckets()[0]
+        ids, md, li = self._dummy_batch(b)
+        logits, new_kv, _ = self._forward(b, ids, md, li)
+        self._write_kv(b, new_kv, md.slot_mapping)
+        jax.block_until_ready((logits, self.kv))
 
     def _prompt_targets(self, b: Bucket, sched, sp: list[SamplingParams]):
         """For requests that asked for prompt_logprobs: the next prompt token at each prompt
