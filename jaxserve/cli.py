@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     bs = b.add_parser("serve", help="load-test an OpenAI-compatible server (like vllm bench serve)")
     add_arguments(bs)
     bs.set_defaults(func=cmd_bench_serve)
-    f = sub.add_parser("fetch", help="download the default model into checkpoints/")
+    f = sub.add_parser("fetch", help="download the default model (if needed) and print its path")
     f.set_defaults(func=cmd_fetch)
     cv = sub.add_parser("convert", help="write an HF folder or .gguf file as an orbax checkpoint")
     cv.add_argument("src", help="HF folder or .gguf file (`jaxserve fetch` prints the default model's)")

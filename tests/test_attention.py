@@ -60,6 +60,7 @@ def random_batch(rng, *, num_requests, page_size, num_pages, kv_heads, group, he
     (1, True, None, jnp.float32, 4, 1, 8),  # several online-softmax chunks
     (2, False, 7, jnp.float32, 3, 8, 12),  # chunks, window and blocks not aligned to pages
     (3, False, None, jnp.bfloat16, 8, 4, 256),
+    (4, True, 5, jnp.bfloat16, 2, 1, 8),  # decode path: window over several chunks, bf16
 ])
 def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chunk, monkeypatch):
     monkeypatch.setattr(rpa, "CHUNK_TOKENS", chunk)
@@ -68,6 +69,7 @@ def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chu
     md, q, kc, vc, kn, vn, q_lens, kv_lens, kh, vh, tables = random_batch(
         rng, num_requests=6, page_size=page_size, num_pages=128, kv_heads=kvh, group=group,
         head_dim=e, decode_only=decode_only, query_block=query_block)
+    assert md.decode_only == decode_only  # the decode path is the one under test
     cast = lambda x: jnp.asarray(x, dtype)
     f = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=e ** -0.5, sliding_window=window))
     out = np.asarray(f(cast(q), cast(kc), cast(vc), cast(kn), cast(vn)), np.float32)
@@ -86,3 +88,26 @@ def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chu
             np.testing.assert_allclose(v_out[page, pos % page_size], np.asarray(cast(vh[r][pos]), np.float32))
     t_used = sum(q_lens)
     assert np.all(out[t_used:] == 0), "padding tokens must produce zeros, not NaN"
+
+
+@pytest.mark.parametrize("decode_only,query_block", [(True, 1), (False, 4)])
+def test_bf16_cache_stored_as_bits(decode_only, query_block):
+    """A bf16 cache kept as its uint16 bits (CPU) reads and writes exactly as a bf16 cache."""
+    from jaxserve.kernels.storage import BITS, from_storage, to_storage
+
+    rng = np.random.default_rng(5)
+    md, q, kc, vc, kn, vn, *_ = random_batch(
+        rng, num_requests=5, page_size=4, num_pages=96, kv_heads=2, group=2, head_dim=16,
+        decode_only=decode_only, query_block=query_block)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+    f = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=0.25))
+    want = f(bf(q), bf(kc), bf(vc), bf(kn), bf(vn))
+    bits = to_storage(bf(kc), BITS), to_storage(bf(vc), BITS)
+    assert bits[0].dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(f(bf(q), *bits, bf(kn), bf(vn)), np.float32),
+                                  np.asarray(want, np.float32))
+    write = jax.jit(write_kv, donate_argnums=0)
+    ((k_bits, _),) = write((bits,), ((bf(kn), bf(vn)),), md.slot_mapping)
+    ((k_bf, _),) = write(((bf(kc), bf(vc)),), ((bf(kn), bf(vn)),), md.slot_mapping)
+    assert k_bits.dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(from_storage(k_bits), np.float32), np.asarray(k_bf, np.float32))

@@ -59,9 +59,19 @@ def assert_by_hand_instructions(message: str, checkpoints) -> None:
 
 
 def test_checkpoints_dir_default_and_override(tmp_path, monkeypatch):
+    """Never the working directory: the override, the checkout's checkpoints/ if present, else
+    the user's cache directory."""
     monkeypatch.delenv(fetch.CHECKPOINTS_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert fetch.checkpoints_dir() == tmp_path / "checkpoints"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    repo = tmp_path / "repo" / "checkpoints"
+    monkeypatch.setattr(fetch, "REPO_CHECKPOINTS", repo)
+    assert fetch.checkpoints_dir() == tmp_path / "cache" / "jaxserve" / "checkpoints"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fetch.checkpoints_dir() == tmp_path / "home" / ".cache" / "jaxserve" / "checkpoints"
+    repo.mkdir(parents=True)
+    assert fetch.checkpoints_dir() == repo
     monkeypatch.setenv(fetch.CHECKPOINTS_ENV, str(tmp_path / "elsewhere"))
     assert fetch.checkpoints_dir() == tmp_path / "elsewhere"
 

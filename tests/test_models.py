@@ -125,3 +125,19 @@ def test_sharded_safetensors_folder(tmp_path):
     (tmp_path / "sharded" / sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))[-1]).unlink()
     with pytest.raises(CheckpointError, match="missing shard"):
         load_checkpoint(tmp_path / "sharded")
+
+
+def test_checkpoint_errors_name_the_file_and_key(tmp_path):
+    """A config.json missing a key names the file's path and the key; an index whose shards lie
+    outside the folder is refused before anything is opened."""
+    make_hf_model("llama2-mha", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                      if k != "hidden_size"}))
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'config.json'}.*hidden_size"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "../../etc/passwd"}}))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        load_checkpoint(tmp_path)

@@ -32,6 +32,9 @@ class AttentionMetadata:
     block_start: jax.Array  # [N] int32 first token of each query block on T
     block_len: jax.Array  # [N] int32 valid tokens in each block (0 = padding block)
     query_block: int = dataclasses.field(metadata=dict(static=True), default=1)  # tokens per block
+    # every request has exactly one new token (a decode-only step): the jnp path then attends to
+    # the cache and the token itself without gathering this step's K/V per cache position
+    decode_only: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
     @property
     def num_tokens(self) -> int:
@@ -85,5 +88,6 @@ def build_metadata(*, query_lens, kv_lens, page_tables, page_size: int, num_toke
             block_request[b], block_start[b] = r, start + off
             block_len[b] = min(query_block, q[r] - off)
             b += 1
+    decode_only = query_block == 1 and r_used > 0 and bool(np.all(q[:r_used] == 1))
     return AttentionMetadata(positions, slots, query_start, kv_out, table, block_request,
-                             block_start, block_len, query_block)
+                             block_start, block_len, query_block, decode_only)

