@@ -27,8 +27,6 @@ bandwidth (numpy, read + write), and its FLOPs over the measured rate of one lar
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -40,21 +38,12 @@ from jaxserve.models import llama
 from jaxserve.runner import ModelRunner
 from jaxserve.sampling import SamplingParams, SamplingTensors
 from jaxserve.sched import SchedulerOutput
+from timing import timed
 
 SMOLLM2_135M = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
                     intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
                     tie_word_embeddings=True, max_position_embeddings=8192)
-
-
-def timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def machine_limits(dtype, repeats: int) -> tuple[float, float]:

@@ -20,7 +20,6 @@ device's. benchmarks/device_check.sh runs this after the kernel benchmark.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -32,6 +31,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models.llama import init_model
 from jaxserve.runner import ModelRunner
 from jaxserve.sampling import SamplingParams, SamplingTensors
+from timing import timed
 
 LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                  intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -39,17 +39,6 @@ LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_s
                  max_position_embeddings=8192, tie_word_embeddings=False)
 TINY = dict(LLAMA3_8B, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() (its result blocked on), after one untimed call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def copy_bandwidth(num_bytes: int, repeats: int) -> float:
