@@ -201,8 +201,8 @@ class ModelRunner:
         if not full and self._splits is not None and all(
                 var.get_raw_value() is x for var, x in zip(self._variables, self._values)):
             return self._splits
-        state = nnx.state(self.model)
-        flat = list(nnx.to_flat_state(state))
+        # nnx.state holds the model's own Variables: setting one sets the model's parameter
+        flat = list(nnx.to_flat_state(nnx.state(self.model)))
         for (path, var), want in zip(flat, self._params, strict=True):
             x = var.get_value()
             if (tuple(x.shape), jnp.dtype(x.dtype)) != (want.shape, want.dtype):
@@ -210,7 +210,6 @@ class ModelRunner:
                                  f"the compiled programs take {want.dtype}{list(want.shape)}")
             if not isinstance(x, jax.Array) or x.sharding != want.sharding:
                 var.set_value(parallel.place(x, want.sharding))
-        nnx.update(self.model, state)
         embed_def, self._embed_leaves = _Split.of(self.model.embed)
         head_def, self._head_leaves = _Split.of(self.model.head)
         layers = [_Split.of(layer) for layer in self.model.layers]
@@ -219,7 +218,7 @@ class ModelRunner:
         if any(d != splits[1] for d, _ in layers) or self._splits not in (None, splits):
             raise ValueError("the model's structure changed (every decoder layer must keep the one "
                              "graph definition the programs were compiled for)")
-        self._variables = [var for _, var in nnx.to_flat_state(nnx.state(self.model))]
+        self._variables = [var for _, var in flat]
         self._values = [var.get_raw_value() for var in self._variables]
         self._splits = splits
         return splits

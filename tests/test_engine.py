@@ -18,6 +18,11 @@ def run(engine, prompts, params):
     params = params if isinstance(params, list) else [params] * len(prompts)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         engine.add_request(str(i), p, sp)
+    return run_to_end(engine)
+
+
+def run_to_end(engine) -> dict:
+    """Step until nothing is left; {request id: final RequestOutput}."""
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -207,15 +212,6 @@ def test_prompt_logprobs_are_log_softmax(engine, tiny_model):
             np.argsort(-logp[pos - 1])[:2].tolist()
         for t, lp in lps.items():
             assert abs(lp.logprob - logp[pos - 1, t]) < tol
-
-
-def run_to_end(engine) -> dict:
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def test_stop_string_on_the_last_allowed_token_is_stop(engine):

@@ -7,8 +7,8 @@ mesh, each device reading only its own shard.
 A converted folder holds:
     jaxserve_checkpoint.json   marker: format version, dtype, source, tokenizer kind
     config.json                the HF-style config dict (`ModelConfig.from_hf` reads it)
-    params/                    the model's `nnx.State` as a pure dict (orbax, tensorstore):
-                               {"embed": {"embedding": ...}, "layers": {"0": {"attn": ...}}, ...}
+    params/                    the model's `nnx.State` as a pure dict (`nnx.to_pure_dict`;
+                               orbax, tensorstore): {"embed": {"embedding": ...}, "layers": ...}
     tokenizer                  HF source: its tokenizer.json, tokenizer_config.json, chat
                                template and generation_config.json, copied; GGUF source:
                                gguf_tokenizer.json, the tokenizer.* metadata (vocabulary, merges,
@@ -73,8 +73,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float3
     dst.mkdir(parents=True, exist_ok=True)
     try:
         with ocp.StandardCheckpointer() as saver:
-            saver.save(dst / "params", _nested({path: var.get_value() for path, var in
-                                                nnx.to_flat_state(nnx.state(ckpt.model))}))
+            saver.save(dst / "params", nnx.to_pure_dict(nnx.state(ckpt.model)))
         (dst / "config.json").write_text(json.dumps(hf_config, indent=1))
         if tokenizer is not None:
             (dst / GGUF_TOKENIZER).write_text(json.dumps(tokenizer))
@@ -116,40 +115,18 @@ def restore(path: str | os.PathLike, mesh: jax.sharding.Mesh,
     parallel.check_mesh(config, mesh)
     model = abstract_model(config, jnp.dtype(dtype))  # checkpoint layout: KV heads as stored
     state = nnx.state(model)
-    shardings = dict(nnx.to_flat_state(parallel.state_shardings(state, mesh)))
-    target = _nested({path: jax.ShapeDtypeStruct(var.shape, var.dtype,
-                                                 sharding=shardings[path].get_value())
-                      for path, var in nnx.to_flat_state(state)})
+    target = jax.tree.map(lambda v, sh: v.replace(jax.ShapeDtypeStruct(
+        v.shape, v.dtype, sharding=sh.get_value())), state, parallel.state_shardings(state, mesh),
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
     with ocp.StandardCheckpointer() as loader:
         try:
-            restored = loader.restore(path / "params", target)
+            restored = loader.restore(path / "params", nnx.to_pure_dict(target))
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise CheckpointError(path / "params", f"does not match config.json: {e}") from None
-    values = {}
-    _flatten_pure(restored, (), values)
-    fill(model, values)
+    nnx.replace_by_pure_dict(target, restored)  # orbax's string layer keys are matched too
+    fill(model, {path: var.get_value() for path, var in nnx.to_flat_state(target)})
     meta = None
     if marker.get("tokenizer") == "gguf":
         meta = json.loads((path / GGUF_TOKENIZER).read_text())
     return LoadedCheckpoint(model, path, meta, hf_config)
 
-
-def _nested(flat: dict[tuple, object]) -> dict:
-    """{state path: array} -> nested dicts with string keys (how orbax stores a tree)."""
-    out: dict = {}
-    for path, x in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(str(key), {})
-        node[str(path[-1])] = x
-    return out
-
-
-def _flatten_pure(tree: dict, prefix: tuple, out: dict) -> None:
-    """Nested dicts from `_nested` -> {state path: array}, layer indices back to ints."""
-    for key, value in tree.items():
-        key = int(key) if isinstance(key, str) and key.isdigit() else key
-        if isinstance(value, dict):
-            _flatten_pure(value, (*prefix, key), out)
-        else:
-            out[(*prefix, key)] = value

@@ -104,10 +104,8 @@ def fill(model: nnx.Module, values: dict[Path, jax.Array]) -> None:
     """Set the model's parameters from arrays by state path (every path must be given). Each
     Variable also records where its array lies on the mesh (`mesh_axes` metadata, beside the
     logical `out_sharding`), so that the model's rendering (treescope, `nnx.display`) shows it."""
-    state = nnx.state(model)
-    for path, var in nnx.to_flat_state(state):
+    for path, var in nnx.to_flat_state(nnx.state(model)):  # the model's own Variables
         x = values[path]
         var.set_value(x)
         if isinstance(getattr(x, "sharding", None), NamedSharding):
             var.set_metadata(mesh_axes=x.sharding.spec)
-    nnx.update(model, state)
