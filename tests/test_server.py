@@ -169,6 +169,15 @@ def test_completion_max_tokens_defaults_to_16(client):
     assert r["usage"]["completion_tokens"] == 6
 
 
+def test_raw_completion_prompt_parses_special_tokens(client, smol_tokenizer):
+    """As vLLM and HF: `<|im_start|>` typed in a raw completion prompt is the control token."""
+    text = "<|im_start|>user\nHi<|im_end|>"
+    want = smol_tokenizer.encode(text, add_special_tokens=True, parse_special=True)
+    assert len(want) < len(smol_tokenizer.encode(text, add_special_tokens=True))
+    r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 1}).json()
+    assert r["usage"]["prompt_tokens"] == len(want)
+
+
 def test_model_aliases(client):
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
     for name in ("tiny", "tiny.Q4_1"):
