@@ -1,0 +1,138 @@
+"""A step's batch as host numpy (`StepInputs`): tokens, attention metadata, sampling tensors.
+
+No device work here: `prepare` is what process 0 broadcasts to the others (multihost.py), and
+what an overlapped engine builds for step n+1 while step n runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxserve.kernels import AttentionMetadata, build_metadata
+from jaxserve.runner.buckets import Bucket, Buckets
+from jaxserve.sampling import SamplingParams, SamplingTensors
+from jaxserve.sched import SchedulerOutput
+
+NUM_TOP_LOGPROBS = 20  # top log-probs are computed for 20 and cut on host: one sampler variant
+_FAILED_ROW = SamplingParams(temperature=0)  # the row of a request whose inputs failed to build
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one step produced for the requests that sampled, in scheduled order."""
+
+    request_ids: list[str]
+    token_ids: np.ndarray  # [n]
+    logprobs: np.ndarray  # [n] log-prob of the chosen token
+    top_logprob_ids: np.ndarray | None  # [n, 20]
+    top_logprobs: np.ndarray | None  # [n, 20]
+    ranks: np.ndarray | None  # [n]
+    prompt_logprobs: dict = dataclasses.field(default_factory=dict)  # see BatchBuilder.prompt_targets
+    # Requests whose part of the step could not be built: {request_id: why}. They sampled nothing.
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """Everything the device work of one step needs, as host numpy: what process 0 broadcasts."""
+
+    bucket: Bucket
+    token_ids: np.ndarray  # [T] int32
+    md: AttentionMetadata  # numpy, padded to the bucket
+    logits_indices: np.ndarray  # [R] int32, each request's last token on T
+    sampling: SamplingTensors  # numpy, R rows
+    banned: np.ndarray  # [R, k] int32 tokens a row cannot draw (-1 = none), k a power of two or 0
+    num_logprobs: int  # top log-probs to compute (0 or NUM_TOP_LOGPROBS)
+    prompt_targets: np.ndarray | None  # [T] int32 next prompt token per position; None: no prompt logprobs
+
+
+class BatchBuilder:
+    def __init__(self, buckets: Buckets, *, page_size: int, max_pages_per_request: int,
+                 vocab_size: int):
+        self.buckets, self.page_size = buckets, page_size
+        self.max_pages_per_request, self.vocab_size = max_pages_per_request, vocab_size
+
+    def metadata(self, b: Bucket, query_lens, kv_lens, page_tables) -> AttentionMetadata:
+        return build_metadata(query_lens=query_lens, kv_lens=kv_lens, page_tables=page_tables,
+                              page_size=self.page_size, num_tokens=b.num_tokens,
+                              num_requests=b.num_requests,
+                              num_pages_per_request=self.max_pages_per_request,
+                              num_blocks=b.num_blocks, query_block=b.query_block)
+
+    def dummy(self, b: Bucket):
+        """(token ids, metadata, logits indices) of a batch that writes only page 0."""
+        n = 1 if b.query_block == 1 else b.num_tokens
+        md = self.metadata(b, [n], [n], [[0] * self.max_pages_per_request])
+        return np.zeros(b.num_tokens, np.int32), md, np.zeros(b.num_requests, np.int32)
+
+    def prepare(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
+                ) -> tuple[StepInputs, dict, dict[str, str]]:
+        """The step as host arrays; {request_id: (first prompt position, first row on T, rows)}
+        of the requests that asked for prompt log-probs; and {request_id: why} of requests whose
+        part of the step could not be built.
+
+        One request's part must never fail the others: if building the sampling inputs fails,
+        each request's part is built alone to find the culprits, whose rows then run greedy with
+        nothing banned and no prompt log-probs; their tokens are dropped (`StepResult.failed`)."""
+        sched = out.scheduled
+        qlens = [s.num_new_tokens for s in sched]
+        b = self.buckets.for_step(sum(qlens), len(sched), all(q == 1 for q in qlens))
+        md = self.metadata(b, qlens, [s.end_position for s in sched], [s.page_ids for s in sched])
+        ids = np.zeros(b.num_tokens, np.int32)
+        ids[:sum(qlens)] = [t for s in sched for t in s.token_ids]
+        last = np.cumsum(qlens) - 1  # each request's last token: where its next token is sampled
+        logits_indices = np.zeros(b.num_requests, np.int32)
+        logits_indices[:len(sched)] = last
+        sp = [params_of[s.request_id] for s in sched]
+        failed: dict[str, str] = {}
+        try:
+            parts = self.sampling_inputs(b, sched, sp)
+        except Exception:  # noqa: BLE001 - isolated below, request by request
+            for s, p in zip(sched, sp):
+                try:
+                    self.sampling_inputs(self.buckets.largest, [s], [p])
+                except Exception as e:  # noqa: BLE001 - reported as this request's error
+                    failed[s.request_id] = f"{type(e).__name__}: {e}"
+            if not failed:
+                raise  # the batch as a whole, not one request: a step failure
+            sp = [_FAILED_ROW if s.request_id in failed else p for s, p in zip(sched, sp)]
+            parts = self.sampling_inputs(b, sched, sp, skip=set(failed))
+        tensors, ban, targets, rows = parts
+        num_logprobs = NUM_TOP_LOGPROBS if any(p.logprobs for p in sp) else 0
+        return StepInputs(b, ids, md, logits_indices, tensors, ban, num_logprobs, targets), rows, failed
+
+    def sampling_inputs(self, b: Bucket, sched, sp: list[SamplingParams], skip=frozenset()):
+        """(SamplingTensors, banned [R, k], prompt targets, prompt rows) of a step's requests;
+        requests in `skip` ban nothing."""
+        reqs = [s.request for s in sched]
+        banned = [list(r.eos_token_ids | r.stop_token_ids)
+                  if r.num_output_tokens < p.min_tokens and r.request_id not in skip else []
+                  for r, p in zip(reqs, sp)]
+        width = max((len(x) for x in banned), default=0)
+        ban = np.full((b.num_requests, 1 << max(0, width - 1).bit_length() if width else 0), -1,
+                      np.int32)
+        for i, banned_ids in enumerate(banned):
+            ban[i, :len(banned_ids)] = banned_ids  # ids were checked against V at submission
+        tensors = SamplingTensors.from_params(
+            sp, [r.num_output_tokens for r in reqs], [r.output_token_ids for r in reqs],
+            [r.prompt_token_ids for r in reqs], self.vocab_size, pad_to=b.num_requests)
+        targets, rows = self.prompt_targets(b, sched, sp)
+        return tensors, ban, targets, rows
+
+    @staticmethod
+    def prompt_targets(b: Bucket, sched, sp: list[SamplingParams]):
+        """For requests that asked for prompt_logprobs: the next prompt token at each prompt
+        position of this step's chunks ([T], or None when no request asked), and {request_id:
+        (first position, first row, rows)}. Logits of every token are computed only in steps
+        that carry such a request."""
+        want, targets, start = {}, np.zeros(b.num_tokens, np.int32), 0
+        for s, p in zip(sched, sp):
+            prompt = s.request.prompt_token_ids
+            n = min(s.end_position, len(prompt) - 1) - s.start_position  # positions with a next token
+            if p.prompt_logprobs is not None and n > 0:
+                targets[start:start + n] = prompt[s.start_position + 1: s.start_position + 1 + n]
+                want[s.request_id] = (s.start_position, start, n)
+            start += s.num_new_tokens
+        return (targets if want else None), want

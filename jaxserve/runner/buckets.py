@@ -1,0 +1,88 @@
+"""Shape buckets: every compiled program is keyed by the padded shape of a step.
+
+  decode-only steps: T = R = N (one query block per request), from `decode_buckets`;
+  steps with prefill: T a power of two from 16 to max_num_batched_tokens, R = min(T, max_num_seqs)
+  in the largest bucket and T/4 below it, query blocks of 16 tokens, N = R + T / 16 blocks
+  (enough for any split of T tokens over R).
+
+The page-table width is fixed at max_model_len / page_size: the attention loops only over the
+pages the longest request needs, so context length is no bucket dimension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jaxserve.config import EngineConfig, ModelConfig
+
+PREFILL_QUERY_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    num_tokens: int  # T
+    num_requests: int  # R
+    query_block: int  # tokens per attention query block
+
+    @property
+    def num_blocks(self) -> int:  # N
+        return self.num_tokens if self.query_block == 1 else (
+            self.num_requests + self.num_tokens // self.query_block)
+
+
+class Buckets:
+    """The buckets an engine configuration compiles, and the one each step runs in."""
+
+    def __init__(self, engine: EngineConfig):
+        self.max_num_seqs = engine.max_num_seqs
+        self.decode = sorted({min(b, engine.max_num_seqs) for b in engine.decode_buckets}
+                             | {engine.max_num_seqs})
+        self.tokens = powers_of_two(min(16, engine.max_num_batched_tokens),
+                                    engine.max_num_batched_tokens)
+
+    def prefill(self, t: int) -> Bucket:
+        # Up to T/4 requests (all of them in the largest bucket): every padding request costs a
+        # padding query block (measured: a 128-token prefill padded to 64 requests spent most of
+        # its attention on them).
+        r = t if t == self.tokens[-1] else max(1, t // 4)
+        return Bucket(t, min(r, self.max_num_seqs), PREFILL_QUERY_BLOCK)
+
+    @property
+    def largest(self) -> Bucket:
+        return self.prefill(self.tokens[-1])
+
+    def for_step(self, num_tokens: int, num_requests: int, decode_only: bool) -> Bucket:
+        if decode_only:
+            r = next(b for b in self.decode if b >= num_requests)
+            return Bucket(r, r, 1)
+        for t in self.tokens:
+            b = self.prefill(t)
+            if t >= num_tokens and b.num_requests >= num_requests:
+                return b
+        raise ValueError(f"no bucket holds {num_tokens} tokens of {num_requests} requests")
+
+    def all(self) -> list[Bucket]:
+        return [Bucket(r, r, 1) for r in self.decode] + [self.prefill(t) for t in self.tokens]
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return out + [hi]
+
+
+def group_size(num_layers: int, target: int) -> int:
+    """The divisor of num_layers nearest to target, so every group runs the same program."""
+    return min((d for d in range(1, num_layers + 1) if num_layers % d == 0),
+               key=lambda d: (abs(d - target), -d))
+
+
+def pages_for_bytes(config: ModelConfig, page_size: int, dtype, num_bytes: int) -> int:
+    """How many KV pages fit in `num_bytes` (K and V of every layer)."""
+    per_page = 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * \
+        jnp.dtype(dtype).itemsize
+    return max(2, num_bytes // per_page)
