@@ -279,6 +279,13 @@ class Engine:
     def num_unfinished_requests(self) -> int:
         return len(self._groups)
 
+    def kv_state(self):
+        """A snapshot of the KV pages each request holds and of the page pool (`KVState`: a
+        grid in Jupyter, text elsewhere)."""
+        from jaxserve.kv_state import KVState
+
+        return KVState.of(self.scheduler)
+
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -358,6 +365,8 @@ class Engine:
                     seq.params.logprobs, token, result, i, context, seq.logprob_detok.add([token])))
             group.metrics.first_token_time = group.metrics.first_token_time or now
             group.metrics.last_token_time = now
+            if seq.index == 0:
+                group.metrics.token_times.append(now)
             seq.text += seq.detok.add([token])
             if seq.detok.stopped:  # a stop string, also when completed on the last allowed token
                 if seq_id not in finished:

@@ -147,6 +147,15 @@ class LLM:
     def __repr__(self) -> str:
         return f"LLM({self.engine!r})"
 
+    def _repr_html_(self) -> str:  # notebooks: model, mesh, KV cache, requests
+        from jaxserve.reprs import llm_html
+
+        return llm_html(self)
+
+    def kv_state(self):
+        """The engine's KV pages per request and the page pool, as a snapshot (see kv_state.py)."""
+        return self.engine.kv_state()
+
 
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):

@@ -25,10 +25,18 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    # time.time() at each output token of the first completion (index 0): TBT = np.diff of it.
+    token_times: list[float] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def time_to_first_token(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_between_tokens(self) -> list[float]:
+        """Seconds between consecutive output tokens of the first completion."""
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
 
 
 @dataclasses.dataclass
@@ -65,12 +73,7 @@ class RequestOutput:
                 f"prompt_token_ids=[{len(self.prompt_token_ids)} ids], outputs={self.outputs!r}, "
                 f"finished={self.finished})")
 
-    def _repr_html_(self) -> str:  # notebooks: the prompt and each completion, readably
-        import html
+    def _repr_html_(self) -> str:  # notebooks: prompt, completions shaded by token log-prob
+        from jaxserve.reprs import request_output_html
 
-        rows = "".join(f"<tr><td>{o.index}</td><td><pre style='white-space:pre-wrap'>"
-                       f"{html.escape(o.text)}</pre></td><td>{o.finish_reason}</td></tr>"
-                       for o in self.outputs)
-        return (f"<div><b>{html.escape(self.request_id)}</b>: "
-                f"<pre style='white-space:pre-wrap'>{html.escape(self.prompt or '')}</pre>"
-                f"<table><tr><th>#</th><th>text</th><th>finish</th></tr>{rows}</table></div>")
+        return request_output_html(self)
