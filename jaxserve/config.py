@@ -205,6 +205,8 @@ class EngineConfig:
     coordinator_address: str | None = None  # "host:port" of process 0; None: one process
     num_processes: int = 1
     process_id: int = 0
+    # Scheduling (sched/): what the engine keeps for benchmarks and notebooks.
+    record_steps: bool = False  # keep a StepRecord per step in Engine.step_records (records.py)
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):

@@ -28,6 +28,7 @@ from jaxserve.models.llama import LlamaModel
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.parallel import (ShardingError, check_mesh, make_mesh, sharded_model_config,
                                tensor_size)
+from jaxserve.records import StepRecord, StepRecords
 from jaxserve.runner import ModelRunner, StepResult, pages_for_bytes
 from jaxserve.sampling import SamplingParams
 from jaxserve.sched import FinishReason, Request, Scheduler, SchedulerConfig
@@ -178,6 +179,8 @@ class Engine:
         self.num_failed_steps = 0  # steps that raised and were recovered from
         self._strikes: dict[str, int] = {}  # sequence id -> failed steps it was part of
         self.dead: EngineDeadError | None = None  # set when a failed step could not be recovered
+        # One StepRecord per step when config.record_steps (benchmarks, notebooks); else None.
+        self.step_records: StepRecords | None = StepRecords() if config.record_steps else None
         t0 = time.perf_counter()
         self.runner.warmup(progress=progress)
         self.warmup_seconds = time.perf_counter() - t0
@@ -290,16 +293,39 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that produced tokens or finished."""
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
         if scheduled.is_empty:
             self.scheduler.update(scheduled, {})
-            return []
-        try:
-            result = self.runner.execute(scheduled, self._params_of)
-        except Exception as e:  # noqa: BLE001 - recovered from, or the engine is declared dead
-            return self._recover(scheduled, e)
-        return self._postprocess(scheduled, result)
+            outputs = []
+        else:
+            try:
+                result = self.runner.execute(scheduled, self._params_of)
+            except Exception as e:  # noqa: BLE001 - recovered from, or the engine is declared dead
+                outputs = self._recover(scheduled, e)
+            else:
+                outputs = self._postprocess(scheduled, result)
+        if self.step_records is not None:
+            self.step_records.append(self._step_record(scheduled, start))
+        return outputs
+
+    def _step_record(self, scheduled, start: float) -> StepRecord:
+        """What this step did (`EngineConfig.record_steps`), read after it finished."""
+        decode = [s for s in scheduled.scheduled
+                  if s.num_new_tokens == 1 and s.start_position >= s.request.num_prompt_tokens]
+        sched = self.scheduler
+        return StepRecord(
+            step=len(self.step_records), start=start, duration=time.perf_counter() - start,
+            num_decode=len(decode), num_prefill=len(scheduled.scheduled) - len(decode),
+            decode_tokens=len(decode), prefill_tokens=scheduled.num_batched_tokens - len(decode),
+            prefill_stage=None,
+            num_running=sched.num_running, num_waiting=sched.num_waiting,
+            num_swapped=0,
+            pages_device=sched.page_manager.num_used_pages,
+            pages_host=0,
+            preempted=tuple(scheduled.preempted),
+            swapped_out=0, swapped_in=0)
 
     def _recover(self, scheduled, error: Exception) -> list[RequestOutput]:
         """After a failed step, whose write may have consumed the (donated) KV cache: a zeroed

@@ -53,6 +53,12 @@ class LLM:
         next generate / chat / stream runs the weights as they are then."""
         return self.engine.model
 
+    @property
+    def step_records(self):
+        """The engine's per-step records (`jaxserve.records.StepRecord`) when the LLM was made
+        with record_steps=True, else None."""
+        return self.engine.step_records
+
     # -- generate / chat -------------------------------------------------------------------------
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
