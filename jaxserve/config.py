@@ -207,6 +207,8 @@ class EngineConfig:
     process_id: int = 0
     # Scheduling (sched/): what the engine keeps for benchmarks and notebooks.
     record_steps: bool = False  # keep a StepRecord per step in Engine.step_records (records.py)
+    # Sparse decode attention (kernels/sparse.py); None: every decode reads all its pages.
+    sparse_attention: SparseAttentionConfig | None = None
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -229,3 +231,41 @@ class EngineConfig:
                                               f"{self.num_kv_pages}")
         if not self.decode_buckets or any(b < 1 for b in self.decode_buckets):
             raise ConfigError("decode_buckets", f"must be integers >= 1, got {self.decode_buckets}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAttentionConfig:
+    """Sparse decode attention (kernels/sparse.py): in decode-only steps each request reads only
+    a budget of its KV pages, chosen per layer by the Quest bound voted across heads, plus its
+    first (sink) and most recent (window) pages. Prefill and mixed steps stay dense.
+
+    The budget is `budget_tokens` keys per request or `budget_fraction` of each request's context
+    (one of the two; default a fraction of 1/8), never less than the sink and window pages."""
+
+    budget_fraction: float | None = None  # share of a request's pages read; default 0.125
+    budget_tokens: int | None = None  # or: keys read per request (rounded up to pages)
+    sink_tokens: int = 16  # the first tokens, always read (attention sinks); rounded up to pages
+    window_tokens: int = 64  # the most recent tokens, always read; rounded up to pages, >= 1
+    min_context: int = 1024  # requests with a shorter context (tokens) attend densely
+
+    def __post_init__(self):
+        if self.budget_fraction is not None and self.budget_tokens is not None:
+            raise ConfigError("sparse_attention", "takes budget_fraction or budget_tokens, not both")
+        if self.budget_fraction is None and self.budget_tokens is None:
+            object.__setattr__(self, "budget_fraction", 0.125)
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            raise ConfigError("sparse_attention.budget_fraction",
+                              f"must be in (0, 1], got {self.budget_fraction!r}")
+        for name, low in (("budget_tokens", 1), ("sink_tokens", 0), ("window_tokens", 1),
+                          ("min_context", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < low):
+                raise ConfigError(f"sparse_attention.{name}",
+                                  f"must be an integer >= {low}, got {value!r}")
+
+    def describe(self) -> str:
+        budget = (f"{self.budget_tokens} tokens" if self.budget_tokens is not None
+                  else f"1/{1 / self.budget_fraction:g} of the context")
+        return (f"sparse decode attention: {budget}, sink {self.sink_tokens}, window "
+                f"{self.window_tokens}, from {self.min_context} tokens")

@@ -23,6 +23,8 @@ import warnings
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxserve.config import SparseAttentionConfig
+from jaxserve.kernels import sparse as _sparse
 from jaxserve.kernels.metadata import AttentionMetadata, build_metadata, num_query_blocks
 from jaxserve.kernels.ragged_paged_attention import ref_ragged_paged_attention
 from jaxserve.kernels.ragged_paged_attention import write_kv as _write_kv
@@ -30,6 +32,7 @@ from jaxserve.kernels.ragged_paged_attention import write_kv as _write_kv
 TENSOR = "tensor"  # the mesh axis split over heads (parallel.TENSOR)
 _HEADS = P(None, TENSOR, None)  # q, out [T, H, E]; k_new, v_new [T, K, E]
 _CACHE = P(None, None, TENSOR, None)  # caches [P, S, K, E]
+_SUMMARY = P(None, None, TENSOR, None)  # key summaries [P, 2, K, E] (kernels/sparse.py)
 
 
 def _is_sharded(mesh: Mesh | None) -> bool:
@@ -43,6 +46,16 @@ def write_kv(kv, new_kv, slot_mapping, *, mesh: Mesh | None = None):
         return _write_kv(kv, new_kv, slot_mapping)
     return jax.shard_map(_write_kv, mesh=mesh, in_specs=(_CACHE, _HEADS, P()), out_specs=_CACHE,
                          check_vma=False)(kv, new_kv, slot_mapping)
+
+
+def write_summaries(summaries, k_news, slot_mapping, *, page_size: int, mesh: Mesh | None = None):
+    """Fold this step's keys (per layer [T, K, E]) into the page summaries (per layer
+    [P, 2, K, E], see sparse.py); with a mesh, each device its own KV heads."""
+    write = functools.partial(_sparse.write_summaries, page_size=page_size)
+    if not _is_sharded(mesh):
+        return write(summaries, k_news, slot_mapping)
+    return jax.shard_map(write, mesh=mesh, in_specs=(_SUMMARY, _HEADS, P()), out_specs=_SUMMARY,
+                         check_vma=False)(summaries, k_news, slot_mapping)
 
 IMPLS = ("reference", "tpu", "gpu")
 KERNELS = ("tpu", "gpu")  # each is jaxserve.kernels.<name>_ragged_paged_attention
@@ -73,21 +86,32 @@ def _warn_fallback(impl: str, reason: str) -> None:
 def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetadata, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, impl: str | None = None,
-                           interpret: bool = False, mesh: Mesh | None = None):
+                           interpret: bool = False, mesh: Mesh | None = None,
+                           summaries=None, sparse: SparseAttentionConfig | None = None):
     """q [T, H, E], caches [P, S, K, E] (read only), new K/V [T, K, E] -> out [T, H, E].
 
     impl: None picks by backend (TPU -> "tpu", GPU -> "gpu", else "reference"); an explicit
     kernel on another backend needs interpret=True (Pallas interpret mode, slow, for tests).
     mesh: heads and KV heads split over its "tensor" axis; each device runs the chosen
-    implementation on its shard (K divides by the axis size: parallel.py makes sure of it)."""
+    implementation on its shard (K divides by the axis size: parallel.py makes sure of it).
+    sparse, summaries: in a decode-only step, read only the pages chosen from the key
+    summaries (per layer [P, 2, K, E], sparse.py); other steps ignore them."""
+    if sparse is not None and sliding_window is not None:
+        raise ValueError("sparse attention does not support sliding-window attention")
     if _is_sharded(mesh):
-        def local(q, k_cache, v_cache, k_new, v_new, md):
+        def local(q, k_cache, v_cache, k_new, v_new, md, summaries):
+            if sparse is not None and md.decode_only:
+                md = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret,
+                                      axis_name=TENSOR)
             return ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
                                           sliding_window=sliding_window, soft_cap=soft_cap,
                                           impl=impl, interpret=interpret)
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(_HEADS, _CACHE, _CACHE, _HEADS, _HEADS, P()),
-                             out_specs=_HEADS, check_vma=False)(q, k_cache, v_cache, k_new, v_new, md)
+        specs = (_HEADS, _CACHE, _CACHE, _HEADS, _HEADS, P(), _SUMMARY if sparse else P())
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=_HEADS, check_vma=False)(
+            q, k_cache, v_cache, k_new, v_new, md, summaries if sparse else None)
+    if sparse is not None and md.decode_only:
+        md = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret)
     if impl not in (None, *IMPLS):
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS} or None")
     backend = backend_of(q)
@@ -108,5 +132,17 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
                                       sliding_window=sliding_window, soft_cap=soft_cap)
 
 
+def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret, axis_name=None):
+    """The decode step's metadata compacted to the pages sparse attention reads (sparse.py)."""
+    if summaries is None:
+        raise ValueError("sparse attention needs the key summaries of the layer's cache")
+    md = jax.tree_util.tree_map(jax.numpy.asarray, md)
+    kh = k_cache.shape[2]
+    qs = _sparse.request_queries(q, md)
+    qs = qs.reshape(qs.shape[0], kh, qs.shape[1] // kh, qs.shape[2])  # [R, K, G, E]
+    return _sparse.select_pages(qs, summaries, md, config=sparse, sm_scale=sm_scale,
+                                page_size=k_cache.shape[1], axis_name=axis_name)
+
+
 __all__ = ["AttentionMetadata", "IMPLS", "KERNELS", "backend_of", "build_metadata", "kernel_module",
-           "num_query_blocks", "ragged_paged_attention", "ref_ragged_paged_attention", "write_kv"]
+           "num_query_blocks", "ragged_paged_attention", "ref_ragged_paged_attention", "write_kv", "write_summaries"]

@@ -1,0 +1,229 @@
+"""Sparse decode attention (kernels/sparse.py) against numpy oracles: the page summaries the cache
+write keeps, the pages chosen (Quest bound, TokenSelect soft vote, sinks, window, budget), and
+attention over them, with NaN in every page that was not chosen; a budget covering the whole
+context gives exactly the dense output; the Pallas kernels run the compacted batch in interpret
+mode."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve import kernels
+from jaxserve.config import SparseAttentionConfig
+from jaxserve.errors import ConfigError
+from jaxserve.kernels import build_metadata, ragged_paged_attention, sparse, write_kv
+from jaxserve.kernels.ragged_paged_attention import ref_dense_attention
+
+S, KH, G, E = 4, 2, 3, 16  # page size, kv heads, query heads per kv head, head dim
+SCALE = E ** -0.5
+
+
+def decode_batch(rng, kv_lens, *, num_pages=160, pad=2, head_dim=E):
+    """A decode-only batch: per request its keys/values [kv, K, E], the cache holding all but
+    the last (NaN elsewhere), shuffled pages, and the new token's K/V."""
+    perm = rng.permutation(np.arange(1, num_pages))
+    tables, used = [], 0
+    for kv in kv_lens:
+        n = -(-kv // S)
+        tables.append(perm[used:used + n].tolist())
+        used += n
+    r = len(kv_lens)
+    md = build_metadata(query_lens=[1] * r, kv_lens=kv_lens, page_tables=tables, page_size=S,
+                        num_tokens=r + pad, num_requests=r + pad,
+                        num_pages_per_request=max(len(t) for t in tables) + 3,
+                        num_blocks=r + pad, query_block=1)
+    k_cache = np.full((num_pages, S, KH, head_dim), np.nan, np.float32)
+    v_cache = k_cache.copy()
+    k_new = np.zeros((r + pad, KH, head_dim), np.float32)
+    v_new = np.zeros_like(k_new)
+    keys, values = [], []
+    for i, kv in enumerate(kv_lens):
+        # keys with a few strong directions, so that pages differ in what they answer to
+        k = rng.standard_normal((kv, KH, head_dim)).astype(np.float32) * rng.uniform(0.2, 3, (kv, 1, 1))
+        v = rng.standard_normal((kv, KH, head_dim)).astype(np.float32)
+        for pos in range(kv - 1):
+            k_cache[tables[i][pos // S], pos % S], v_cache[tables[i][pos // S], pos % S] = k[pos], v[pos]
+        k_new[i], v_new[i] = k[-1], v[-1]
+        keys.append(k), values.append(v)
+    q = rng.standard_normal((r + pad, KH * G, head_dim)).astype(np.float32)
+    return md, q, k_cache, v_cache, k_new, v_new, keys, values, tables
+
+
+def summaries_of(k_cache, tables, kv_lens):
+    """Summaries of the cached keys (the current token's page holds kv-1 % S of them)."""
+    lengths = np.zeros(k_cache.shape[0], np.int64)
+    for table, kv in zip(tables, kv_lens):
+        for j, page in enumerate(table):
+            lengths[page] = max(0, min(S, kv - 1 - j * S))
+    return sparse.ref_page_summaries(np.nan_to_num(k_cache), lengths)
+
+
+def oracle_chosen(q_r, keys, kv, cfg: SparseAttentionConfig):
+    """The logical pages a request reads, from its raw keys: the Quest bound of every page with
+    cached keys per query head, softmax over pages per head, summed; sinks and window forced."""
+    n = -(-kv // S)
+    sink, window = -(-cfg.sink_tokens // S), -(-cfg.window_tokens // S)
+    if cfg.budget_tokens is not None:
+        budget = -(-cfg.budget_tokens // S)
+    else:
+        budget = int(np.ceil(n * cfg.budget_fraction))
+    budget = max(budget, sink + window)
+    if n * S < cfg.min_context or budget >= n:
+        return list(range(n))
+    votes = np.zeros(n)
+    bounds = np.full((KH * G, n), -np.inf)
+    for j in range(n):
+        page_keys = keys[j * S:min(kv - 1, (j + 1) * S)]  # cached keys of page j
+        if len(page_keys) == 0:
+            continue
+        lo, hi = page_keys.min(axis=0), page_keys.max(axis=0)  # [K, E]
+        for h in range(KH * G):
+            bounds[h, j] = np.maximum(q_r[h] * lo[h // G], q_r[h] * hi[h // G]).sum()
+    for h in range(KH * G):
+        z = bounds[h] * q_r.shape[-1] ** -0.5
+        p = np.exp(z - z[np.isfinite(z)].max())
+        votes += p / p.sum()
+    forced = [j for j in range(n) if j < sink or j >= n - window]
+    rest = sorted((j for j in range(n) if j not in forced), key=lambda j: -votes[j])
+    return sorted(forced + rest[:budget - len(forced)])
+
+
+def attend_oracle(q_r, keys, values, kv, pages):
+    positions = [p for j in pages for p in range(j * S, min(kv, (j + 1) * S))]
+    out = ref_dense_attention(q_r[None], keys[positions], values[positions],
+                              np.array([len(positions) - 1]), len(positions),
+                              sm_scale=q_r.shape[-1] ** -0.5)
+    return np.asarray(out)[0]
+
+
+CONFIGS = [
+    SparseAttentionConfig(budget_fraction=0.25, sink_tokens=4, window_tokens=4, min_context=0),
+    SparseAttentionConfig(budget_tokens=24, sink_tokens=8, window_tokens=6, min_context=0),
+    SparseAttentionConfig(budget_fraction=0.125, sink_tokens=0, window_tokens=1, min_context=100),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_chooses_oracle_pages_and_never_reads_others(cfg):
+    rng = np.random.default_rng(CONFIGS.index(cfg))
+    kv_lens = [93, 60, 121, 9, 88]  # 88: the current token starts a page (no cached key there)
+    md, q, kc, vc, kn, vn, keys, values, tables = decode_batch(rng, kv_lens)
+    summ = summaries_of(kc, tables, kv_lens)
+    chosen = [oracle_chosen(q[i], keys[i], kv, cfg) for i, kv in enumerate(kv_lens)]
+    assert any(len(c) < -(-kv // S) for c, kv in zip(chosen, kv_lens)), "nothing was left out"
+    poisoned_k, poisoned_v = kc.copy(), vc.copy()
+    for table, pages in zip(tables, chosen):  # NaN in every page not chosen
+        for j, page in enumerate(table):
+            if j not in pages:
+                poisoned_k[page], poisoned_v[page] = np.nan, np.nan
+    f = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=SCALE, summaries=summ, sparse=cfg))
+    out = np.asarray(f(q, poisoned_k, poisoned_v, kn, vn))
+    for i, kv in enumerate(kv_lens):
+        np.testing.assert_allclose(out[i], attend_oracle(q[i], keys[i], values[i], kv, chosen[i]),
+                                   atol=1e-5, rtol=1e-5)
+    assert np.all(out[len(kv_lens):] == 0)
+
+
+@pytest.mark.parametrize("cfg", [SparseAttentionConfig(budget_fraction=1.0, min_context=0),
+                                 SparseAttentionConfig(budget_tokens=512, sink_tokens=0),
+                                 SparseAttentionConfig(budget_fraction=0.1, min_context=10 ** 6)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_budget_covering_the_context_equals_dense_exactly(cfg, dtype):
+    rng = np.random.default_rng(3)
+    kv_lens = [93, 60, 121, 9, 88]
+    md, q, kc, vc, kn, vn, _, _, tables = decode_batch(rng, kv_lens)
+    summ = summaries_of(kc, tables, kv_lens)
+    args = [jnp.asarray(x, dtype) for x in (q, kc, vc, kn, vn)]
+    dense = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=SCALE))(*args)
+    sparse_out = jax.jit(lambda *a: ragged_paged_attention(
+        *a, md, sm_scale=SCALE, summaries=summ, sparse=cfg))(*args)
+    np.testing.assert_array_equal(np.asarray(sparse_out, np.float32), np.asarray(dense, np.float32))
+
+
+def test_prefill_steps_stay_dense():
+    rng = np.random.default_rng(4)
+    md, q, kc, vc, kn, vn, _, _, tables = decode_batch(rng, [50, 70])
+    md = dataclasses.replace(md, decode_only=False)  # same batch through the general path
+    summ = summaries_of(kc, tables, [50, 70])
+    q, kc, vc, kn, vn = (jnp.asarray(x) for x in (q, kc, vc, kn, vn))
+    cfg = SparseAttentionConfig(budget_tokens=8, min_context=0)
+    dense = ragged_paged_attention(q, kc, vc, kn, vn, md, sm_scale=SCALE)
+    out = ragged_paged_attention(q, kc, vc, kn, vn, md, sm_scale=SCALE, summaries=summ, sparse=cfg)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(dense))
+
+
+def test_write_summaries_tracks_pages_through_reuse():
+    """Prefill chunks, decodes, a page freed and handed to another request (stale summary and
+    keys), and padding tokens: after every step the summaries equal those of the cache."""
+    rng = np.random.default_rng(5)
+    num_pages = 12
+    kc = np.zeros((num_pages, S, KH, E), np.float32)
+    summ = sparse.init_summaries(1, num_pages, KH, E)
+    cache = ((jnp.asarray(kc), jnp.asarray(kc)),)
+    lengths = np.zeros(num_pages, np.int64)
+    write = jax.jit(lambda c, s, new, slots: (write_kv(c, new, slots),
+                                              sparse.write_summaries(s, [new[0][0]], slots, page_size=S)),
+                    donate_argnums=(0, 1))
+    # (request pages, first position, tokens this step); request A uses pages 3, 7, 1,
+    # then B reuses page 7 and 1 after A is freed; a chunk starts mid-page.
+    steps = [([3, 7, 1], 0, 6), ([3, 7, 1], 6, 1), ([3, 7, 1], 7, 3), ([5, 7, 1], 0, 2),
+             ([5, 7, 1], 2, 5), ([5, 7, 1], 7, 1)]
+    for pages, start, n in steps:
+        if start == 0:  # a new owner: its pages' old lengths no longer count
+            lengths[pages] = 0
+        md = build_metadata(query_lens=[n], kv_lens=[start + n], page_tables=[pages], page_size=S,
+                            num_tokens=n + 3, num_requests=2, num_pages_per_request=3,
+                            num_blocks=n + 4, query_block=1 if n == 1 else 4)
+        new = rng.standard_normal((n + 3, KH, E)).astype(np.float32) * 3
+        new[n:] = rng.standard_normal((3, KH, E)) * 100  # padding rows land in page 0
+        cache, summ = write(cache, summ, ((jnp.asarray(new), jnp.asarray(new)),), md.slot_mapping)
+        for pos in range(start, start + n):
+            lengths[pages[pos // S]] = max(lengths[pages[pos // S]], pos % S + 1)
+        want = np.asarray(sparse.ref_page_summaries(cache[0][0], lengths))
+        got = np.asarray(summ[0])
+        used = [p for p in range(1, num_pages) if lengths[p] > 0]
+        np.testing.assert_array_equal(got[used], want[used])
+        assert np.all(got[[p for p in range(1, num_pages) if p not in (3, 5, 7, 1)], 0] == np.inf)
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_pallas_kernels_run_the_compacted_batch(impl):
+    """The compacted page table through each Pallas kernel (interpret mode), NaN in every page
+    not chosen, against the oracle over the chosen pages."""
+    cfg = SparseAttentionConfig(budget_fraction=0.25, sink_tokens=4, window_tokens=8, min_context=0)
+    rng = np.random.default_rng(6)
+    kv_lens, e = [93, 70, 33], 64  # a head dim both kernels tile
+    md, q, kc, vc, kn, vn, keys, values, tables = decode_batch(rng, kv_lens, head_dim=e)
+    summ = summaries_of(kc, tables, kv_lens)
+    chosen = [oracle_chosen(q[i], keys[i], kv, cfg) for i, kv in enumerate(kv_lens)]
+    for table, pages in zip(tables, chosen):
+        for j, page in enumerate(table):
+            if j not in pages:
+                kc[page], vc[page] = np.nan, np.nan
+    md = jax.tree_util.tree_map(jnp.asarray, md)
+    qs = sparse.request_queries(jnp.asarray(q), md).reshape(-1, KH, G, e)
+    compact = sparse.select_pages(qs, summ, md, config=cfg, sm_scale=e ** -0.5, page_size=S)
+    module = kernels.kernel_module(impl)
+    assert module.unsupported_reason(q.shape, kc.shape, q.dtype, kc.dtype) is None
+    out = np.asarray(module.ragged_paged_attention(q, kc, vc, kn, vn, compact, sm_scale=e ** -0.5,
+                                                   interpret=True))
+    for i, kv in enumerate(kv_lens):
+        np.testing.assert_allclose(out[i], attend_oracle(q[i], keys[i], values[i], kv, chosen[i]),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="not both"):
+        SparseAttentionConfig(budget_fraction=0.5, budget_tokens=64)
+    with pytest.raises(ConfigError, match="budget_fraction"):
+        SparseAttentionConfig(budget_fraction=0.0)
+    with pytest.raises(ConfigError, match="window_tokens"):
+        SparseAttentionConfig(window_tokens=0)
+    assert SparseAttentionConfig().budget_fraction == 0.125
+    md, q, kc, vc, kn, vn, *_ = decode_batch(np.random.default_rng(0), [20])
+    with pytest.raises(ValueError, match="sliding-window"):
+        ragged_paged_attention(q, kc, vc, kn, vn, md, sm_scale=SCALE, sliding_window=8,
+                               summaries=(), sparse=SparseAttentionConfig())
