@@ -91,13 +91,14 @@ def ref_page_votes(qs, summaries, table, num_pages, *, sm_scale: float, axis_nam
     num_chunks = -(-w // cp)
     table = jnp.pad(table, ((0, 0), (0, num_chunks * cp - w)))
     qf = qs.astype(jnp.float32)
+    q_pos, q_neg = jnp.maximum(qf, 0), jnp.minimum(qf, 0)
 
     def chunk(i, bounds):  # bounds [R, K, G, W']
         pages = jax.lax.dynamic_slice_in_dim(table, i * cp, cp, axis=1)  # [R, cp]
         s = summaries[pages]  # [R, cp, 2, K, E]
-        lo = jnp.einsum("RKGE,RCKE->RKGCE", qf, s[:, :, 0])
-        hi = jnp.einsum("RKGE,RCKE->RKGCE", qf, s[:, :, 1])
-        b = jnp.sum(jnp.maximum(lo, hi), axis=-1)  # [R, K, G, cp]
+        # sum_e max(q kmin, q kmax) = max(q, 0) . kmax + min(q, 0) . kmin: two matmuls
+        b = (jnp.einsum("RKGE,RCKE->RKGC", q_pos, s[:, :, 1])
+             + jnp.einsum("RKGE,RCKE->RKGC", q_neg, s[:, :, 0]))  # [R, K, G, cp]
         return jax.lax.dynamic_update_slice_in_dim(bounds, b, i * cp, axis=3)
 
     kh, g = qs.shape[1], qs.shape[2]
@@ -151,9 +152,11 @@ def select_pages(qs, summaries, md: AttentionMetadata, *, config: SparseAttentio
     sink, window = -(-config.sink_tokens // page_size), -(-config.window_tokens // page_size)
     always = (idx < sink) | (idx >= num_pages[:, None] - window)
     score = jnp.where(idx < num_pages[:, None], jnp.where(always, jnp.inf, votes), -jnp.inf)
-    rank = jnp.argsort(jnp.argsort(-score, axis=1, stable=True), axis=1)  # 0 = best
     keep = budget_pages(config, num_pages, page_size)  # [R]
-    chosen = (rank < keep[:, None]) & (idx < num_pages[:, None])  # [R, W]
+    # the keep-th best score of each request is its threshold (ties past it are kept too)
+    best = -jnp.sort(-score, axis=1)  # [R, W] descending
+    threshold = jnp.take_along_axis(best, jnp.maximum(keep - 1, 0)[:, None], axis=1)  # [R, 1]
+    chosen = (score >= threshold) & (idx < num_pages[:, None])  # [R, W]
     dest = jnp.where(chosen, jnp.cumsum(chosen, axis=1) - 1, w)  # ascending order kept
     rows = jnp.broadcast_to(jnp.arange(table.shape[0])[:, None], table.shape)
     compact = jnp.zeros_like(table).at[rows, dest].set(table, mode="drop")

@@ -55,7 +55,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxserve import kernels
-from jaxserve.config import ModelConfig, rope_inv_freq
+from jaxserve.config import ModelConfig, SparseAttentionConfig, rope_inv_freq
 from jaxserve.kernels import AttentionMetadata
 from jaxserve.kernels.storage import take_rows
 
@@ -146,9 +146,11 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(e, c.rms_norm_eps, "head_dim", dtype=dtype) if c.qk_norm else None
 
     def __call__(self, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, *,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, summary=None,
+                 sparse: SparseAttentionConfig | None = None):
         """x [T, D] (already normed) -> (output [T, D], k_new [T, K, E], v_new [T, K, E]).
-        With a mesh, heads are split over its tensor axis and attention runs per device."""
+        With a mesh, heads are split over its tensor axis and attention runs per device.
+        sparse: decode-only steps read the pages chosen from `summary` ([P, 2, K, E])."""
         c = self.config
         t, g = x.shape[0], c.group_size
         qkv = self.qkv(x).astype(x.dtype)  # [T, K, G+2, E]
@@ -159,7 +161,7 @@ class Attention(nnx.Module):
         q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
         out = kernels.ragged_paged_attention(
             q, k_cache, v_cache, k_new, v_new, md, sm_scale=c.head_dim ** -0.5,
-            sliding_window=c.sliding_window, mesh=mesh)  # [T, H, E]
+            sliding_window=c.sliding_window, mesh=mesh, summaries=summary, sparse=sparse)  # [T, H, E]
         return self.o(out).astype(x.dtype), k_new, v_new
 
 
@@ -185,10 +187,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c, dtype=dtype, rngs=rngs)
 
     def __call__(self, hidden, k_cache, v_cache, md: AttentionMetadata, cos, sin, *,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, summary=None,
+                 sparse: SparseAttentionConfig | None = None):
         """hidden [T, D] -> (hidden [T, D], k_new [T, K, E], v_new [T, K, E])."""
         attn, k_new, v_new = self.attn(self.attn_norm(hidden), k_cache, v_cache, md, cos, sin,
-                                       mesh=mesh)
+                                       mesh=mesh, summary=summary, sparse=sparse)
         hidden = hidden + attn
         return hidden + self.mlp(self.mlp_norm(hidden)), k_new, v_new
 
@@ -229,13 +232,17 @@ class LlamaModel(nnx.Module):
 
 
 def run_layers(layers: Sequence[DecoderLayer], kv: KVCache, hidden, md: AttentionMetadata, *,
-               mesh: Mesh | None = None) -> tuple[jax.Array, NewKV]:
+               mesh: Mesh | None = None, summaries=None,
+               sparse: SparseAttentionConfig | None = None) -> tuple[jax.Array, NewKV]:
     """A contiguous group of layers with their caches: hidden [T, D] -> (hidden, new_kv), where
-    new_kv holds these layers' K/V of this step's tokens, to be written by write_kv."""
+    new_kv holds these layers' K/V of this step's tokens, to be written by write_kv.
+    summaries: these layers' key summaries (per layer [P, 2, K, E]) when `sparse` is set."""
     cos, sin = rope(md.positions, layers[0].attn.config)
     new_kv = []
-    for layer, (k_cache, v_cache) in zip(layers, kv, strict=True):
-        hidden, k_new, v_new = layer(hidden, k_cache, v_cache, md, cos, sin, mesh=mesh)
+    summaries = (None,) * len(layers) if summaries is None else summaries
+    for layer, (k_cache, v_cache), summary in zip(layers, kv, summaries, strict=True):
+        hidden, k_new, v_new = layer(hidden, k_cache, v_cache, md, cos, sin, mesh=mesh,
+                                     summary=summary, sparse=sparse)
         new_kv.append((k_new, v_new))
     return hidden, tuple(new_kv)
 
