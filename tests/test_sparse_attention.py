@@ -227,3 +227,51 @@ def test_config_errors():
     with pytest.raises(ValueError, match="sliding-window"):
         ragged_paged_attention(q, kc, vc, kn, vn, md, sm_scale=SCALE, sliding_window=8,
                                summaries=(), sparse=SparseAttentionConfig())
+
+
+def test_gpu_scoring_kernel_matches_reference():
+    """The Pallas GPU bound kernel (interpret mode) against the jnp reference, with NaN in the
+    summaries of every page no request uses (page 0 included) and garbage past each table."""
+    from jaxserve.kernels import gpu_sparse_scores
+
+    rng = np.random.default_rng(8)
+    e, num_pages = 32, 90
+    kv_lens = [93, 150, 9, 0]  # the last row is padding
+    n_pages = np.array([-(-kv // S) for kv in kv_lens], np.int32)
+    width = 48
+    perm = rng.permutation(np.arange(1, num_pages))
+    table = np.zeros((len(kv_lens), width), np.int32)
+    used = 0
+    for r, n in enumerate(n_pages):
+        table[r, :n] = perm[used:used + n]
+        table[r, n:] = rng.integers(0, num_pages, width - n)  # garbage past the pages
+        used += n
+    summ = np.full((num_pages, 2, KH, e), np.nan, np.float32)
+    lo = rng.standard_normal((used, KH, e)).astype(np.float32)
+    summ[perm[:used], 0], summ[perm[:used], 1] = lo, lo + rng.uniform(0, 2, (used, KH, e))
+    qs = jnp.asarray(rng.standard_normal((len(kv_lens), KH, G, e)), jnp.float32)
+    args = (qs, jnp.asarray(summ), jnp.asarray(table), jnp.asarray(n_pages))
+    want = np.asarray(sparse.ref_page_bounds(*args))
+    got = np.asarray(gpu_sparse_scores.page_bounds(*args, chunk_pages=16, interpret=True))
+    for r, n in enumerate(n_pages):
+        np.testing.assert_allclose(got[r, ..., :n], want[r, ..., :n], rtol=1e-5, atol=1e-4)
+    votes = np.asarray(gpu_sparse_scores.page_votes(*args, sm_scale=0.2, interpret=True))
+    ref_votes = np.asarray(sparse.ref_page_votes(*args, sm_scale=0.2))
+    np.testing.assert_allclose(votes, ref_votes, rtol=1e-5, atol=1e-6)
+    assert all(np.isfinite(votes[r, :n]).all() and np.isneginf(votes[r, n:]).all()
+               for r, n in enumerate(n_pages))
+
+
+def test_dispatch_with_gpu_kernels_in_interpret_mode():
+    """impl="gpu": the scoring kernel and the attention kernel, both in interpret mode, give the
+    reference path's output (same pages chosen)."""
+    cfg = SparseAttentionConfig(budget_fraction=0.25, sink_tokens=4, window_tokens=8, min_context=0)
+    rng = np.random.default_rng(9)
+    kv_lens, e = [93, 70], 32
+    md, q, kc, vc, kn, vn, keys, values, tables = decode_batch(rng, kv_lens, head_dim=e)
+    summ = summaries_of(kc, tables, kv_lens)
+    args = [jnp.asarray(x) for x in (q, np.nan_to_num(kc), np.nan_to_num(vc), kn, vn)]
+    opts = dict(sm_scale=e ** -0.5, summaries=summ, sparse=cfg)
+    want = ragged_paged_attention(*args, md, **opts)
+    got = ragged_paged_attention(*args, md, impl="gpu", interpret=True, **opts)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

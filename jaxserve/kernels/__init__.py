@@ -133,15 +133,22 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
 
 
 def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret, axis_name=None):
-    """The decode step's metadata compacted to the pages sparse attention reads (sparse.py)."""
+    """The decode step's metadata compacted to the pages sparse attention reads (sparse.py).
+    The page scores come from the Pallas kernel on GPU (gpu_sparse_scores.py), from the jnp
+    reference elsewhere (a TPU scoring kernel is not written yet)."""
     if summaries is None:
         raise ValueError("sparse attention needs the key summaries of the layer's cache")
     md = jax.tree_util.tree_map(jax.numpy.asarray, md)
     kh = k_cache.shape[2]
     qs = _sparse.request_queries(q, md)
     qs = qs.reshape(qs.shape[0], kh, qs.shape[1] // kh, qs.shape[2])  # [R, K, G, E]
+    votes_fn = None  # the jnp reference
+    if (impl or backend_of(q)) == "gpu" and (interpret or backend_of(q) == "gpu"):
+        scores = importlib.import_module("jaxserve.kernels.gpu_sparse_scores")
+        if scores.unsupported_reason(qs.shape, summaries.shape, md.page_table.shape[1]) is None:
+            votes_fn = functools.partial(scores.page_votes, interpret=interpret)
     return _sparse.select_pages(qs, summaries, md, config=sparse, sm_scale=sm_scale,
-                                page_size=k_cache.shape[1], axis_name=axis_name)
+                                page_size=k_cache.shape[1], axis_name=axis_name, votes_fn=votes_fn)
 
 
 __all__ = ["AttentionMetadata", "IMPLS", "KERNELS", "backend_of", "build_metadata", "kernel_module",

@@ -84,8 +84,15 @@ def ref_page_votes(qs, summaries, table, num_pages, *, sm_scale: float, axis_nam
     """Per request the soft vote of its pages, [R, W] float32 (-inf where a page is unused).
 
     qs [R, K, G, E] each request's query; summaries [P, 2, K, E]; table [R, W] page ids;
-    num_pages [R] pages in use. The bound is computed only for the chunks of pages the longest
-    request uses. axis_name: the mesh axis the heads are split over (votes summed over it)."""
+    num_pages [R] pages in use. axis_name: the mesh axis the heads are split over (votes are
+    summed over it)."""
+    bounds = ref_page_bounds(qs, summaries, table, num_pages)
+    return _vote(bounds, num_pages, sm_scale=sm_scale, axis_name=axis_name)
+
+
+def ref_page_bounds(qs, summaries, table, num_pages):
+    """The Quest bound of every query head for every page, [R, K, G, W] float32, computed only
+    for the chunks of pages the longest request uses (the rest: 0, masked by the vote)."""
     r, w = table.shape
     cp = min(SCORE_CHUNK_PAGES, w)
     num_chunks = -(-w // cp)
@@ -103,9 +110,8 @@ def ref_page_votes(qs, summaries, table, num_pages, *, sm_scale: float, axis_nam
 
     kh, g = qs.shape[1], qs.shape[2]
     needed = (jnp.max(num_pages) + cp - 1) // cp
-    bounds = jax.lax.fori_loop(0, jnp.minimum(needed, num_chunks), chunk,
-                               jnp.zeros((r, kh, g, num_chunks * cp), jnp.float32))[..., :w]
-    return _vote(bounds, num_pages, sm_scale=sm_scale, axis_name=axis_name)
+    return jax.lax.fori_loop(0, jnp.minimum(needed, num_chunks), chunk,
+                             jnp.zeros((r, kh, g, num_chunks * cp), jnp.float32))[..., :w]
 
 
 def _vote(bounds, num_pages, *, sm_scale: float, axis_name=None):
