@@ -12,6 +12,7 @@ _EXPORTS = {
     "Engine": "jaxserve.engine",
     "EngineConfig": "jaxserve.config",
     "ModelConfig": "jaxserve.config",
+    "SparseAttentionConfig": "jaxserve.config",
     "SamplingParams": "jaxserve.sampling",
     "RequestOutput": "jaxserve.outputs",
     "CompletionOutput": "jaxserve.outputs",

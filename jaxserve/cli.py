@@ -1,9 +1,10 @@
-"""`jaxserve generate | chat | serve | bench | fetch`.
+"""`jaxserve generate | chat | serve | eval | bench | fetch`.
 
     jaxserve generate "Write a haiku about the sea."        # chat-formatted, streamed
     jaxserve generate --raw "The capital of France is"      # plain completion
     jaxserve chat                                           # interactive, multi-turn
     jaxserve serve --port 8000 --api-key KEY                # OpenAI-compatible server
+    jaxserve eval --budgets 1/4,1/8                         # sparse attention vs dense
     jaxserve bench serve --base-url http://127.0.0.1:8000   # load-test a running server
     jaxserve fetch                                          # download the default model
 """
@@ -32,6 +33,36 @@ def _engine_args(p: argparse.ArgumentParser):
                    help="host:port of process 0, to serve from several processes (jax.distributed)")
     g.add_argument("--num-processes", type=int, default=1)
     g.add_argument("--process-id", type=int, default=0)
+    sp = p.add_argument_group("sparse decode attention (off unless --sparse-budget is given)")
+    sp.add_argument("--sparse-budget", default=None, help="keys each decode reads: a fraction "
+                    "of its context (0.125 or 1/8) or a number of tokens (1024)")
+    sp.add_argument("--sparse-sink-tokens", type=int, default=16, help="first tokens always read")
+    sp.add_argument("--sparse-window-tokens", type=int, default=64,
+                    help="most recent tokens always read")
+    sp.add_argument("--sparse-min-context", type=int, default=1024,
+                    help="shorter contexts attend densely")
+
+
+def _sparse_config(a, budget: str | None = None):
+    """The SparseAttentionConfig the flags ask for (None: dense); `budget` overrides the flag."""
+    from jaxserve.config import SparseAttentionConfig
+    from jaxserve.errors import ConfigError
+
+    budget = budget if budget is not None else a.sparse_budget
+    if budget is None:
+        return None
+    try:
+        num, _, den = budget.partition("/")
+        if den or "." in budget:
+            size = dict(budget_fraction=float(num) / float(den or 1))
+        else:
+            size = dict(budget_tokens=int(budget))
+    except ValueError:
+        raise ConfigError("sparse_budget", f"must be a fraction (0.125, 1/8) or a token count, "
+                                           f"got {budget!r}") from None
+    return SparseAttentionConfig(**size, sink_tokens=a.sparse_sink_tokens,
+                                 window_tokens=a.sparse_window_tokens,
+                                 min_context=a.sparse_min_context)
 
 
 def _sampling_args(p: argparse.ArgumentParser):
@@ -65,7 +96,7 @@ def _llm(a):
                max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_cache_memory,
                decode_buckets=(1, 2, 4, 8, 16, 32, 64), tensor_parallel_size=a.tensor_parallel_size,
                coordinator_address=a.coordinator_address, num_processes=a.num_processes,
-               process_id=a.process_id)
+               process_id=a.process_id, sparse_attention=_sparse_config(a))
 
 
 def cmd_generate(a) -> int:
@@ -172,6 +203,36 @@ def cmd_serve(a) -> int:
         multihost.stop_workers(engine)
 
 
+def cmd_eval(a) -> int:
+    """Dense against each sparse budget on one engine: perplexity, passkey, agreement."""
+    import dataclasses
+    import json
+
+    from jaxserve import eval as ev
+
+    configs = [_sparse_config(a, b) for b in a.budgets.split(",")]  # validate before loading
+    a.sparse_budget = a.budgets.split(",")[0]  # the engine keeps page summaries
+    llm = _llm(a)
+    results = ev.evaluate(llm.engine, configs, lengths=_ints(a.lengths),
+                          depths=[float(d) for d in a.depths.split(",")],
+                          ppl_window=a.ppl_window, ppl_forced=a.ppl_forced,
+                          ppl_windows=a.ppl_windows, agreement_prompt=a.agreement_prompt,
+                          agreement_tokens=a.agreement_tokens,
+                          agreement_prompts=a.agreement_prompts)
+    print(ev.table(results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([dict(label=r.label, config=r.config and dataclasses.asdict(r.config),
+                            perplexity=r.perplexity, agreement=r.agreement, seconds=r.seconds,
+                            passkey={f"{n}@{d}": ok for (n, d), ok in r.passkey.items()})
+                       for r in results], f, indent=1)
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def cmd_bench_serve(a) -> int:
     from jaxserve.server.bench import main as bench_main
 
@@ -223,6 +284,22 @@ def main(argv=None) -> int:
     # A server batches many requests: more sequences and a larger step than one chat needs.
     s.set_defaults(func=cmd_serve, max_num_seqs=32, max_num_batched_tokens=256,
                    kv_cache_memory=1 << 30)
+    ev = sub.add_parser("eval", help="quality of sparse decode attention against dense: "
+                        "perplexity, passkey retrieval, greedy agreement (jaxserve.eval)")
+    ev.add_argument("--budgets", default="1/4,1/8,1/16", help="sparse budgets to compare")
+    ev.add_argument("--lengths", default="1024,2048,4096,8192", help="passkey prompt lengths")
+    ev.add_argument("--depths", default="0.1,0.5,0.9", help="passkey depths (0 = start)")
+    ev.add_argument("--ppl-windows", type=int, default=2, help="text windows for perplexity")
+    ev.add_argument("--ppl-window", type=int, default=4096, help="tokens of each window (prompt)")
+    ev.add_argument("--ppl-forced", type=int, default=64,
+                    help="tokens scored after each window, one decode step each")
+    ev.add_argument("--agreement-prompts", type=int, default=2)
+    ev.add_argument("--agreement-prompt", type=int, default=2048, help="tokens per prompt")
+    ev.add_argument("--agreement-tokens", type=int, default=256, help="greedy tokens compared")
+    ev.add_argument("--json", default=None, help="also write the results to this file")
+    _engine_args(ev)
+    ev.set_defaults(func=cmd_eval, max_model_len=8192, max_num_seqs=16,
+                    max_num_batched_tokens=512, kv_cache_memory=3 << 30)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from jaxserve.server.bench import add_arguments
 

@@ -162,7 +162,7 @@ class Engine:
         # KV pages by bytes count the KV heads as laid out on the mesh (replicated ones too).
         num_pages = config.num_kv_pages or pages_for_bytes(
             sharded_model_config(model_config, tensor_size(mesh)), config.page_size,
-            config.dtype, config.kv_cache_memory)
+            config.dtype, config.kv_cache_memory, summaries=config.sparse_attention is not None)
         self.scheduler = Scheduler(SchedulerConfig(
             num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
@@ -326,6 +326,30 @@ class Engine:
             pages_host=0,
             preempted=tuple(scheduled.preempted),
             swapped_out=0, swapped_in=0)
+
+    def step_forced(self, next_tokens: dict[str, int]) -> dict[str, float]:
+        """One step whose "sampled" tokens are given (teacher forcing, jaxserve.eval): each
+        request that samples in this step gets `next_tokens[its id]` appended, exactly as if
+        drawn; returns {request id: the cross-entropy of that token under the step's logits}
+        (nats). Requests finish as usual (max_tokens, stop tokens)."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            self.scheduler.update(scheduled, {})
+            return {}
+        result, ce = self.runner.execute_forced(scheduled, self._params_of, next_tokens)
+        self._postprocess(scheduled, result)
+        return ce
+
+    @property
+    def sparse_attention(self):
+        """The SparseAttentionConfig decode steps run with now (None: dense)."""
+        return self.runner.sparse_attention
+
+    def set_sparse_attention(self, config) -> None:
+        """Switch sparse decode attention (a SparseAttentionConfig, or None for dense) on an
+        engine started with one (only those keep the page summaries). The first decode steps
+        after a switch compile their programs; jaxserve.eval compares configurations this way."""
+        self.runner.set_sparse_attention(config)
 
     def _recover(self, scheduled, error: Exception) -> list[RequestOutput]:
         """After a failed step, whose write may have consumed the (donated) KV cache: a zeroed

@@ -28,13 +28,33 @@ def test_no_program_copies_the_cache(runner):
         g = runner.layers_per_program
         lp, lkv = tuple(runner._layer_leaves[:g]), runner.kv[:g]
         hidden = jax.numpy.zeros((b.num_tokens, runner.config.hidden_size))
-        layers_hlo = runner._layers.lower(lp, lkv, hidden, md).compile().as_text()
+        layers_hlo = runner._layers.lower(lp, lkv, hidden, md, None, sparse=None).compile().as_text()
         assert not cache_copies(layers_hlo, cache_shape), b
         _, new_kv, _ = runner._forward(b, ids, md, li)
-        write_hlo = runner._write.lower(runner.kv, new_kv, md.slot_mapping).compile().as_text()
+        write_hlo = runner._write.lower(runner.kv, None, new_kv, md.slot_mapping).compile().as_text()
         assert not cache_copies(write_hlo, cache_shape), b
         # the write is in place: its outputs alias the donated cache
         assert "input_output_alias" in write_hlo or "may-alias" in write_hlo
+
+
+def test_sparse_programs_copy_no_cache_or_summaries(make_tiny_engine):
+    """With sparse attention the decode layers read the summaries and the write scatters into
+    them too: still no copy of the cache or of the summaries, and the write stays in place."""
+    from jaxserve.config import SparseAttentionConfig
+
+    runner = make_tiny_engine(sparse_attention=SparseAttentionConfig(min_context=0)).runner
+    cache_shape, summary_shape = runner.kv[0][0].shape, runner.summaries[0].shape
+    g = runner.layers_per_program
+    for b in runner.all_buckets()[:2]:  # decode buckets
+        ids, md, li = runner._dummy_batch(b)
+        args = (tuple(runner._layer_leaves[:g]), runner.kv[:g],
+                jax.numpy.zeros((b.num_tokens, runner.config.hidden_size)), md, runner.summaries[:g])
+        hlo = runner._layers.lower(*args, sparse=runner.sparse_attention).compile().as_text()
+        assert not cache_copies(hlo, cache_shape) and not cache_copies(hlo, summary_shape), b
+        _, new_kv, _ = runner._forward(b, ids, md, li)
+        hlo = runner._write.lower(runner.kv, runner.summaries, new_kv, md.slot_mapping).compile().as_text()
+        assert not cache_copies(hlo, cache_shape) and not cache_copies(hlo, summary_shape), b
+        assert "input_output_alias" in hlo or "may-alias" in hlo
 
 
 def test_buckets_cover_every_batch(runner):
@@ -84,11 +104,11 @@ def test_bfloat16_programs_convert_no_cache_or_weight(make_tiny_engine, tiny_mod
         hidden = jax.numpy.zeros((b.num_tokens, runner.config.hidden_size), jax.numpy.bfloat16)
         programs = {
             "embed": runner._embed.lower(el, ids),
-            "layers": runner._layers.lower(group, lkv, hidden, md),
+            "layers": runner._layers.lower(group, lkv, hidden, md, None, sparse=None),
             "head": runner._head.lower(hl, el, hidden, li),
         }
         logits, new_kv, _ = runner._forward(b, ids, md, li)
-        programs["write"] = runner._write.lower(runner.kv, new_kv, md.slot_mapping)
+        programs["write"] = runner._write.lower(runner.kv, None, new_kv, md.slot_mapping)
         for temperature in (0, 1.0):
             t = SamplingTensors.from_params([SamplingParams(temperature=temperature)], [0], [[]], [[]],
                                             runner.config.vocab_size, pad_to=b.num_requests)

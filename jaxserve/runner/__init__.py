@@ -5,7 +5,7 @@ Each step is a few compiled programs, dispatched back to back without waiting:
     hidden         = embed[T](embed_leaves, token_ids)
     hidden, new_kv = layers[bucket](group_leaves, group_kv, hidden, md)   # per group of layers
     logits         = head[T, R](head_leaves, embed_leaves, hidden, logits_indices)
-    kv             = write[T](kv, new_kv, slot_mapping)                   # kv donated
+    kv, summaries  = write[T](kv, summaries, new_kv, slot_mapping)        # both donated
     sampled        = sampler[R, flags](logits, sampling_tensors)
 
 The layers run as `layers_per_program` layers per program, the same compiled program for every
@@ -52,12 +52,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxserve import parallel
 from jaxserve.config import EngineConfig
-from jaxserve.kernels import write_kv
+from jaxserve.errors import ConfigError
+from jaxserve.kernels.sparse import init_summaries
 from jaxserve.kernels.storage import storage_dtype
 from jaxserve.models import llama
 from jaxserve.runner.batch import NUM_TOP_LOGPROBS, BatchBuilder, StepInputs, StepResult
 from jaxserve.runner.buckets import Bucket, Buckets, group_size, pages_for_bytes
-from jaxserve.runner.programs import Split, sample_program
+from jaxserve.runner.programs import Split, sample_program, write_program
 from jaxserve.sampling import SamplerOutput, SamplingParams, SamplingTensors, token_logprobs
 from jaxserve.sched import SchedulerOutput
 
@@ -79,6 +80,17 @@ class ModelRunner:
         self.kv = jax.jit(lambda: llama.init_kv_cache(config, num_pages, engine.page_size,
                                                       self.kv_dtype), out_shardings=kv_sharding)()
         new_kv_sharding = NamedSharding(self.mesh, P(*kv_sharding.spec[1:]))  # [T, K, E]
+        # Sparse decode attention: per-page key summaries [P, 2, K, E] beside the cache, split
+        # on K like it, kept by the cache write (kernels/sparse.py). Swapping pages out and in
+        # must carry their summaries too (a page's summary is a function of its keys).
+        self.sparse_attention, self.summaries = engine.sparse_attention, None
+        summary_sharding = NamedSharding(self.mesh, P(None, None, *kv_sharding.spec[2:]))
+        if engine.sparse_attention is not None:
+            if config.sliding_window is not None:
+                raise ConfigError("sparse_attention", "is not supported for sliding-window models")
+            self.summaries = jax.jit(lambda: init_summaries(
+                config.num_layers, num_pages, config.num_kv_heads, config.head_dim),
+                out_shardings=summary_sharding)()
         logits_sharding = NamedSharding(self.mesh, parallel.spec_for(
             (None, "vocab"), (1, config.vocab_size), self.mesh))
         self.max_pages_per_request = -(-engine.max_model_len // engine.page_size)
@@ -100,14 +112,16 @@ class ModelRunner:
             return head_def.merge(head_leaves)(hidden, logits_indices, embed_def.merge(embed_leaves))
 
         self._embed = jax.jit(lambda leaves, ids: embed_def.merge(leaves)(ids), out_shardings=rep)
-        self._layers = jax.jit(lambda group, lkv, h, md: llama.run_layers(
-            [layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh),
-            out_shardings=(rep, new_kv_sharding))
+        self._layers = jax.jit(lambda group, lkv, h, md, summ, sparse: llama.run_layers(
+            [layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh,
+            summaries=summ, sparse=sparse), out_shardings=(rep, new_kv_sharding),
+            static_argnames=("sparse",))
         self._head = jax.jit(head, out_shardings=logits_sharding)
         self._prompt_logprobs = jax.jit(lambda hl, el, h, targets: token_logprobs(
             head(hl, el, h, jnp.arange(h.shape[0])), targets, NUM_TOP_LOGPROBS), out_shardings=rep)
-        self._write = jax.jit(functools.partial(write_kv, mesh=mesh), donate_argnums=0,
-                              out_shardings=kv_sharding)
+        self._write = jax.jit(functools.partial(write_program, mesh=mesh, page_size=self.page_size),
+                              donate_argnums=(0, 1), out_shardings=(
+                                  kv_sharding, None if self.summaries is None else summary_sharding))
         vocab_split = logits_sharding.spec[1] is not None
         self._sample = jax.jit(functools.partial(sample_program, mesh=mesh if vocab_split else None),
                                out_shardings=rep,
@@ -178,10 +192,14 @@ class ModelRunner:
         el, hl = self._embed_leaves, self._head_leaves
         hidden = self._program(("embed", b.num_tokens), self._embed, el, ids)(el, ids)
         g, new_kv = self.layers_per_program, []
+        # sparse attention changes only decode-only buckets: prefill programs stay as they are
+        sparse = self.sparse_attention if b.query_block == 1 else None
         for first in range(0, self.config.num_layers, g):
             group, lkv = tuple(self._layer_leaves[first:first + g]), self.kv[first:first + g]
-            hidden, group_kv = self._program(("layers", b), self._layers, group, lkv, hidden, md)(
-                group, lkv, hidden, md)
+            summ = None if sparse is None else self.summaries[first:first + g]
+            args = (group, lkv, hidden, md, summ)
+            hidden, group_kv = self._program(("layers", b, sparse), self._layers, *args,
+                                             sparse=sparse)(*args)
             new_kv.extend(group_kv)
         logits = self._program(("head", b.num_tokens, b.num_requests), self._head,
                                hl, el, hidden, logits_indices)(hl, el, hidden, logits_indices)
@@ -211,8 +229,17 @@ class ModelRunner:
         return jax.tree_util.tree_map(lambda x: parallel.place(x, self._replicated), tree)
 
     def _write_kv(self, b: Bucket, new_kv, slot_mapping):
-        self.kv = self._program(("write", b.num_tokens), self._write, self.kv, new_kv,
-                                slot_mapping)(self.kv, new_kv, slot_mapping)
+        args = (self.kv, self.summaries, new_kv, slot_mapping)
+        self.kv, self.summaries = self._program(("write", b.num_tokens), self._write, *args)(*args)
+
+    def set_sparse_attention(self, config) -> None:
+        """Decode steps from now on run with this SparseAttentionConfig (None: dense); a new
+        configuration compiles its decode programs on first use. Needs the page summaries, kept
+        only when the engine started with sparse attention."""
+        if config is not None and self.summaries is None:
+            raise ConfigError("sparse_attention", "can only be switched on an engine started with "
+                                                  "one (others keep no page summaries)")
+        self.sparse_attention = config
 
     def _dummy_batch(self, b: Bucket):
         return self._put(self.batch.dummy(b))
@@ -250,6 +277,32 @@ class ModelRunner:
                 ) -> tuple[StepInputs, dict, dict[str, str]]:
         return self.batch.prepare(out, params_of)
 
+    def execute_forced(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
+                       next_tokens: dict[str, int]) -> tuple[StepResult, dict[str, float]]:
+        """A step whose sampled tokens are given (teacher forcing, jaxserve.eval): forward and
+        cache write as in `run`, then the cross-entropy (optax) of each request's given token
+        instead of sampling. Returns the StepResult with those tokens (log-prob = -CE) and
+        {request id: CE}. One process only."""
+        import optax
+
+        sched = out.scheduled
+        inputs, _, failed = self.prepare(out, params_of)
+        if failed:
+            raise ValueError(f"the step's inputs could not be built: {failed}")
+        keep = [i for i, s in enumerate(sched) if s.samples_token]
+        targets = np.zeros(inputs.bucket.num_requests, np.int32)
+        targets[keep] = [next_tokens[sched[i].request_id] for i in keep]
+        b = inputs.bucket
+        ids, md, li, t = self._put((inputs.token_ids, inputs.md, inputs.logits_indices, targets))
+        logits, new_kv, _ = self._forward(b, ids, md, li)
+        self._write_kv(b, new_kv, md.slot_mapping)
+        ce_program = jax.jit(optax.losses.softmax_cross_entropy_with_integer_labels,
+                             out_shardings=self._replicated)
+        ce = np.asarray(self._program(("cross_entropy", b.num_requests), ce_program, logits, t)(
+            logits, t))[keep]
+        rids = [sched[i].request_id for i in keep]
+        return StepResult(rids, targets[keep], -ce, None, None, None), dict(zip(rids, ce.tolist()))
+
     def run(self, inputs: StepInputs) -> tuple[SamplerOutput, tuple | None]:
         """The device work of one step (every process runs it): forward, cache write, sampling,
         prompt log-probs when asked. Returns device arrays, replicated over the mesh."""
@@ -272,6 +325,10 @@ class ModelRunner:
         every write): what it held is lost, so its requests must recompute."""
         self.kv = jax.tree_util.tree_map(
             lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self.kv)
+        if self.summaries is not None:  # empty pages: min +inf, max -inf
+            self.summaries = jax.tree_util.tree_map(lambda x: jax.device_put(jnp.stack(
+                [jnp.full(x.shape[:1] + x.shape[2:], v, x.dtype) for v in (jnp.inf, -jnp.inf)],
+                axis=1), x.sharding), self.summaries)
 
     def check(self):
         """Run the smallest bucket on a dummy batch (it writes only page 0, the padding page) and

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxserve import parallel
+from jaxserve.kernels import write_kv, write_summaries
 from jaxserve.sampling import SamplerOutput, SamplingTensors, sample, token_logprobs
 
 
@@ -30,6 +31,17 @@ class Split:
 
     def merge(self, leaves):
         return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self.treedef, leaves))
+
+
+def write_program(kv, summaries, new_kv, slot_mapping, *, mesh: Mesh | None, page_size: int):
+    """The cache write: this step's K/V into the caches and, when sparse attention keeps them,
+    its keys into the page summaries (kernels/sparse.py). Both are donated: scatters only, so
+    both are updated in place."""
+    kv = write_kv(kv, new_kv, slot_mapping, mesh=mesh)
+    if summaries is not None:
+        summaries = write_summaries(summaries, [k for k, _ in new_kv], slot_mapping,
+                                    page_size=page_size, mesh=mesh)
+    return kv, summaries
 
 
 def sample_program(logits, t: SamplingTensors, banned, *, all_greedy, needs_penalties,
