@@ -2,14 +2,16 @@
 
 Host: `SamplingParams` per request. Each step the runner packs the batch with
 `SamplingTensors.from_params(...)` into a few per-row arrays (and, only when some request uses
-penalties, its token ids as padded [B, N] arrays), plus static flags that select which work the
-compiled sampler does (`all_greedy`, `needs_penalties`, `max_top_k`, `use_top_p`, `use_min_p`).
+penalties, its token ids as padded [B, N] arrays), plus two static flags that select a compiled
+variant (`all_greedy`, `needs_penalties`). Everything else is runtime data, so the engine
+compiles three sampler variants per row count in warmup and nothing while serving: top-k, top-p,
+logprobs each sit under a `lax.cond` on whether any row uses them (XLA runs only the branch taken).
 
 Device: `sample(logits, tensors, ...)` runs inside the compiled step, pure jnp:
   penalties -> temperature -> min_p -> top_k -> top_p -> draw; greedy rows take the argmax.
 No full sort of the vocabulary (a [64, 49152] sort costs ~1 s on CPU):
-  - top_k: `lax.top_k` with a static K >= every row's k gives each row's k-th largest logit, a
-    threshold;
+  - top_k: each row's k-th largest logit, a threshold, found by bisection over the values' int32
+    order keys (32 compare-and-count passes; k is data, no sort and no static K);
   - the draw is inverse-CDF sampling in two levels: the mass of 256-token blocks, a cumulative sum
     over blocks, then over the chosen block. One uniform number per row, no [B, V] cumsum.
     (Gumbel-max needs B*V random numbers: ~90 ms on this CPU; this needs B.)
@@ -40,6 +42,7 @@ from jaxserve.errors import JaxserveError
 Array = jax.Array | np.ndarray  # numpy on the host after from_params, jax.Array once on device
 
 MAX_LOGPROBS = 20  # as OpenAI's API (and vLLM's default max_logprobs)
+MAX_STOP_TOKEN_IDS = 256  # banned under min_tokens through a fixed-width array (runner/batch.py)
 _GREEDY_TEMPERATURE = 1e-5  # below this, temperature means greedy (vLLM's _SAMPLING_EPS)
 _BLOCK = 256  # inverse-CDF block size
 _MIN_BUCKET = 16  # smallest padded length for token-id lists and the top-k candidate count
@@ -122,6 +125,9 @@ class SamplingParams:
                 isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in stop_ids):
             raise SamplingParamsError(f"stop_token_ids must be a list of integers >= 0, "
                                       f"got {self.stop_token_ids!r}")
+        if len(set(stop_ids)) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamsError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} distinct "
+                                      f"ids, got {len(set(stop_ids))}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -180,20 +186,21 @@ class SamplingTensors:
     output_positions: Array  # i32[B], index in the output of the token being sampled
     output_token_ids: Array  # i32[B, N] tokens generated so far, padded with V; N = 0 without penalties
     prompt_token_ids: Array  # i32[B, M] prompts of rows with repetition_penalty != 1, padded with V
-    # Static flags (part of the compile key): which work the sampler does.
+    want_logprobs: Array  # bool[]: some row asked for top log-probs (computed only then)
+    # Static flags (part of the compile key). Everything else (top-k, top-p, min-p, seeds,
+    # whether log-probs are wanted) is runtime data, so that serving compiles nothing new.
     all_greedy: bool = _static(default=True)
     needs_penalties: bool = _static(default=False)
-    max_top_k: int = _static(default=0)  # K of lax.top_k, >= every row's top_k; 0 if none uses it
-    use_top_p: bool = _static(default=False)
-    use_min_p: bool = _static(default=False)
 
     @classmethod
     def from_params(cls, params_list: Sequence[SamplingParams], output_positions: Sequence[int],
                     output_token_ids: Sequence[Sequence[int]], prompt_token_ids: Sequence[Sequence[int]],
                     vocab_size: int, pad_to: int, *, rng: np.random.Generator | None = None,
-                    ) -> SamplingTensors:
+                    token_width: int | None = None) -> SamplingTensors:
         """Pack R requests into B = pad_to rows. Unseeded requests get a seed drawn from `rng`
-        (default: fresh OS entropy)."""
+        (default: fresh OS entropy). token_width: the fixed width of the token-id arrays the
+        penalties need (the engine passes max_model_len, so that their shape never changes);
+        None: the next power of two that holds them."""
         num = len(params_list)
         if not len(output_positions) == len(output_token_ids) == len(prompt_token_ids) == num:
             raise ValueError("params_list, output_positions, output_token_ids and prompt_token_ids "
@@ -229,22 +236,23 @@ class SamplingTensors:
             key_data[i] = (seed >> 32, seed & 0xFFFFFFFF)  # what PRNGKey(seed) holds
 
         def padded(ids: Sequence[Sequence[int]], which: list[int]) -> np.ndarray:
-            out = np.full((pad_to, _bucket(max((len(ids[i]) for i in which), default=0))),
-                          vocab_size, np.int32)
+            longest = max((len(ids[i]) for i in which), default=0)
+            if token_width is not None and longest > token_width:
+                raise ValueError(f"{longest} token ids do not fit token_width={token_width}")
+            width = 0 if not penalized else token_width or _bucket(longest)
+            out = np.full((pad_to, width), vocab_size, np.int32)
             for i in which:
                 out[i, :len(ids[i])] = ids[i]
             return out
 
-        sampled = ~is_greedy
         return cls(
             temperature=temperature, is_greedy=is_greedy, top_k=top_k, top_p=top_p, min_p=min_p,
             presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
             key_data=key_data, output_positions=positions,
             output_token_ids=padded(output_token_ids, penalized),
             prompt_token_ids=padded(prompt_token_ids, repeated),
-            all_greedy=bool(is_greedy.all()), needs_penalties=bool(penalized),
-            max_top_k=min(_bucket(int(top_k.max())), vocab_size),
-            use_top_p=bool((top_p[sampled] < 1).any()), use_min_p=bool((min_p[sampled] > 0).any()))
+            want_logprobs=np.bool_(any(p.logprobs for p in params_list)),
+            all_greedy=bool(is_greedy.all()), needs_penalties=bool(penalized))
 
 
 @jax.tree_util.register_dataclass
@@ -323,13 +331,10 @@ def _sample_random(z: jax.Array, block_max: jax.Array, greedy: jax.Array,
     num_rows = z.shape[0]
     temperature = t.temperature[:, None, None]
     weights = jnp.exp((z - block_max.max(axis=-1)[:, None, None]) / temperature)  # max 1
-    keep = jnp.ones(z.shape, bool)
-    if t.use_min_p:  # p / p_max >= min_p
-        keep &= weights >= t.min_p[:, None, None]
-    if t.max_top_k:
-        values, _ = jax.lax.top_k(z.reshape(num_rows, -1), t.max_top_k)  # [B, K]
-        kth = jnp.take_along_axis(values, jnp.clip(t.top_k - 1, 0, t.max_top_k - 1)[:, None], 1)
-        keep &= (z >= kth[:, :, None]) | (t.top_k[:, None, None] == 0)
+    keep = weights >= t.min_p[:, None, None]  # p / p_max >= min_p (min_p 0 keeps all)
+    kth = jax.lax.cond(jnp.any(t.top_k > 0), lambda: _kth_largest(z, t.top_k),
+                       lambda: jnp.full(num_rows, -jnp.inf, z.dtype))
+    keep &= z >= kth[:, None, None]
     weights = jnp.where(keep, weights, 0.0)
     # Materialize once: otherwise XLA fuses exp() into every consumer and recomputes it per round.
     weights = jax.lax.optimization_barrier(weights)
@@ -340,9 +345,6 @@ def _sample_random(z: jax.Array, block_max: jax.Array, greedy: jax.Array,
 
     def uniform(draw):
         return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, draw)))(keys)  # f32[B]
-
-    if not t.use_top_p:
-        return _draw(mass, weights, z, pivot, uniform(0))
 
     budget = t.top_p * mass.sum(axis=-1)  # nucleus mass, renormalized after top_k / min_p
     no_top_p = t.top_p >= 1
@@ -359,10 +361,44 @@ def _sample_random(z: jax.Array, block_max: jax.Array, greedy: jax.Array,
         return (step + 1, jnp.where(accept, candidate, tokens), done | accept,
                 jnp.where(reject, z_candidate[:, 0], pivot), jnp.where(reject[:, None], mass_above, mass))
 
-    state = (jnp.int32(0), greedy, jnp.zeros(num_rows, bool), pivot, mass)
-    _, tokens, _, _, _ = jax.lax.while_loop(
-        lambda s: (s[0] < _MAX_TOP_P_ROUNDS) & ~jnp.all(s[2]), round_, state)
-    return tokens
+    def nucleus():
+        state = (jnp.int32(0), greedy, jnp.zeros(num_rows, bool), pivot, mass)
+        return jax.lax.while_loop(lambda s: (s[0] < _MAX_TOP_P_ROUNDS) & ~jnp.all(s[2]),
+                                  round_, state)[1]
+
+    # Without top-p every row accepts the first draw: skip the loop's acceptance pass.
+    return jax.lax.cond(jnp.any(~no_top_p & ~t.is_greedy), nucleus,
+                        lambda: _draw(mass, weights, z, pivot, uniform(0)))
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """uint32 keys ordered as the float32 values x (-0.0 just below +0.0)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _from_order_key(key: jax.Array) -> jax.Array:
+    bits = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _kth_largest(z: jax.Array, k: jax.Array) -> jax.Array:
+    """f32[B]: the k-th largest value of each row of z ([B, ...]); -inf where k is 0.
+
+    A bisection over the values' uint32 order keys, 32 rounds of one compare-and-count pass
+    each, so that k is runtime data (lax.top_k needs a static k, and a bucket of k per compile)."""
+    keys = _order_key(z.reshape(z.shape[0], -1))
+    lo = jnp.zeros(z.shape[0], jnp.uint32)  # invariant: count(keys >= lo) >= k
+    hi = jnp.full(z.shape[0], 0xFFFFFFFF, jnp.uint32)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + ((hi - lo) >> 1) + ((hi - lo) & 1)  # upper middle, no overflow
+        ok = jnp.sum(keys >= mid[:, None], axis=-1) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return jnp.where(k > 0, _from_order_key(lo), -jnp.inf)
 
 
 def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int):
@@ -376,14 +412,31 @@ def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int):
     return chosen - log_norm, top_ids.astype(jnp.int32), top_values - log_norm[:, None], ranks
 
 
+def maybe_token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int,
+                         want: jax.Array):
+    """token_logprobs, with the top log-probs and ranks computed only when `want` (a runtime
+    bool) holds; zeros otherwise. One program serves steps with and without log-probs."""
+    if num_logprobs == 0:
+        return token_logprobs(logits, token_ids, 0)
+    chosen, *_ = token_logprobs(logits, token_ids, 0)
+    num_rows = logits.shape[0]
+    empty = (jnp.zeros((num_rows, num_logprobs), jnp.int32),
+             jnp.zeros((num_rows, num_logprobs), jnp.float32), jnp.zeros(num_rows, jnp.int32))
+    top = jax.lax.cond(want, lambda: token_logprobs(logits, token_ids, num_logprobs)[1:],
+                       lambda: empty)
+    return chosen, *top
+
+
 def sample(logits: jax.Array, t: SamplingTensors, *, all_greedy: bool, needs_penalties: bool,
            num_logprobs: int) -> SamplerOutput:
     """One token per row of `logits` (f32[B, V]). The keyword flags are static: pass
-    `t.all_greedy` and `t.needs_penalties`; num_logprobs is the batch's largest `logprobs`."""
+    `t.all_greedy` and `t.needs_penalties`; num_logprobs is how many top log-probs a row can get
+    (they are computed only in steps where `t.want_logprobs`)."""
     logits = logits.astype(jnp.float32)
     z = _blocked(apply_penalties(logits, t) if needs_penalties else logits, -jnp.inf)
     block_max = z.max(axis=-1)  # [B, blocks]
     token_ids = _argmax(z, block_max)
     if not all_greedy:
         token_ids = jnp.where(t.is_greedy, token_ids, _sample_random(z, block_max, token_ids, t))
-    return SamplerOutput(token_ids, *token_logprobs(logits, token_ids, num_logprobs))
+    return SamplerOutput(token_ids, *maybe_token_logprobs(logits, token_ids, num_logprobs,
+                                                          t.want_logprobs))

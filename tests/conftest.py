@@ -20,6 +20,25 @@ from jaxserve.engine import Engine
 from jaxserve.models.llama import init_model
 
 
+_BACKEND_COMPILES = [0]
+
+
+def _on_event(event: str, duration: float, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+        _BACKEND_COMPILES[0] += 1
+
+
+# Every XLA compile in the process, not only the runner's own programs (a stray jnp op on the
+# host path compiles too): tests read it through `backend_compiles`.
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+@pytest.fixture
+def backend_compiles():
+    """A function returning the number of XLA backend compiles so far in this process."""
+    return lambda: _BACKEND_COMPILES[0]
+
+
 @pytest.fixture(scope="session")
 def default_model_path():
     from jaxserve.models.fetch import default_model_path

@@ -63,25 +63,41 @@ def test_preemption_keeps_outputs(engine, make_tiny_engine):
     assert small_engine.scheduler.num_free_pages == 13  # nothing leaked
 
 
-def test_no_compiles_after_warmup(engine):
-    before = engine.runner.num_compilations
+def mixed_params(rng, vocab: int, stop_ids: list[int]) -> SamplingParams:
+    """One request's sampling options drawn from everything a client can ask for."""
+    pick = lambda *xs: xs[int(rng.integers(len(xs)))]
+    return SamplingParams(
+        n=pick(1, 1, 2), temperature=pick(0.0, 0.7, 1.0, 1.5), top_k=pick(0, 1, 3, 50, 1000, vocab - 1),
+        top_p=pick(1.0, 0.9, 0.5), min_p=pick(0.0, 0.05), seed=pick(None, int(rng.integers(1 << 30))),
+        presence_penalty=pick(0.0, 0.0, 0.5), frequency_penalty=pick(0.0, 0.0, -0.3),
+        repetition_penalty=pick(1.0, 1.0, 1.2), logprobs=pick(None, None, 0, 3, 20),
+        prompt_logprobs=pick(None, None, None, 2), min_tokens=pick(0, 0, 4),
+        stop_token_ids=pick(None, stop_ids), max_tokens=int(rng.integers(2, 14)))
+
+
+def test_no_compiles_after_warmup(make_tiny_engine, backend_compiles):
+    """A workload mixing every sampling option, arrivals, aborts and every bucket (decode and
+    prefill, both sampler row counts) compiles nothing after warmup: counted by jax.monitoring
+    backend-compile events, which see every compile in the process, not only the runner's."""
+    engine = make_tiny_engine(max_num_seqs=16, decode_buckets=(1, 4, 16), num_kv_pages=400)
+    assert engine.runner.buckets.sampler == [8, 16]
+    before, programs = backend_compiles(), engine.runner.num_compilations
     rng = np.random.default_rng(2)
-    ps = prompts(20, seed=3, lo=1, hi=120)
+    ps = prompts(40, seed=3, lo=1, hi=120)
     pending = list(enumerate(ps))
-    seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)
+    vocab = engine.runner.config.vocab_size
     step = 0
     while pending or engine.has_unfinished_requests():
-        if pending and rng.random() < 0.5:  # arrivals mid-run
+        for _ in range(min(len(pending), int(rng.integers(0, 6)))):  # bursts: every batch size
             i, p = pending.pop()
-            engine.add_request(f"r{i}", p, GREEDY if i % 3 else
-                               SamplingParams(n=2, temperature=1.0, max_tokens=10))
-        if step % 7 == 3 and engine.has_unfinished_requests():  # aborts
+            engine.add_request(f"r{i}", p, GREEDY if i % 4 == 0 else
+                               mixed_params(rng, vocab, [int(t) for t in rng.integers(0, vocab, 5)]))
+        if step % 9 == 4 and engine.has_unfinished_requests():  # aborts
             engine.abort(next(iter(engine._groups)))
-        if step == 5:
-            engine.add_request("seeded", ps[0], seeded)
         engine.step()
         step += 1
-    assert engine.runner.num_compilations == before
+    assert engine.runner.num_compilations == programs
+    assert backend_compiles() == before, "a step compiled after warmup"
     assert engine.scheduler.num_free_pages == engine.runner.num_pages - 1
 
 

@@ -4,7 +4,6 @@ in bfloat16 no program converts a cache- or weight-shaped array."""
 import re
 
 import jax
-import numpy as np
 import pytest
 
 from jaxserve.runner import Bucket
@@ -87,8 +86,6 @@ def test_bfloat16_programs_convert_no_cache_or_weight(make_tiny_engine, tiny_mod
     from flax import nnx
 
     from jaxserve.models.llama import init_model
-    from jaxserve.sampling import SamplingParams, SamplingTensors
-
     model = init_model(tiny_model.config, 0, jax.numpy.bfloat16, scale=0.5)
     runner = make_tiny_engine(model=model).runner
     assert runner.kv[0][0].dtype == jax.numpy.uint16  # bf16 bits: CPU scatters them natively
@@ -109,13 +106,11 @@ def test_bfloat16_programs_convert_no_cache_or_weight(make_tiny_engine, tiny_mod
         }
         logits, new_kv, _ = runner._forward(b, ids, md, li)
         programs["write"] = runner._write.lower(runner.kv, None, new_kv, md.slot_mapping)
-        for temperature in (0, 1.0):
-            t = SamplingTensors.from_params([SamplingParams(temperature=temperature)], [0], [[]], [[]],
-                                            runner.config.vocab_size, pad_to=b.num_requests)
-            t, ban = runner._put((t, np.zeros((b.num_requests, 0), np.int32)))
-            programs[f"sampler {temperature}"] = runner._sample.lower(
+        for i, (t, ban, num_logprobs) in enumerate(runner.batch.sampler_variants(li.shape[0])):
+            t, ban = runner._put((t, ban))
+            programs[f"sampler {i}"] = runner._sample.lower(
                 logits, t, ban, all_greedy=t.all_greedy, needs_penalties=t.needs_penalties,
-                num_logprobs=0)
+                num_logprobs=num_logprobs)
         for name, lowered in programs.items():
             hlo = lowered.compile().as_text()
             assert not converts_of(hlo, forbidden), (b, name, converts_of(hlo, forbidden)[:3])

@@ -27,6 +27,7 @@ def run(logits, params, *, positions=None, outputs=None, prompts=None, pad_to=No
     t = SamplingTensors.from_params(
         params, positions or [0] * num, outputs or [[]] * num, prompts or [[]] * num, vocab, pad_to,
         rng=rng)
+    t = dataclasses.replace(t, want_logprobs=np.bool_(num_logprobs > 0))  # as a request asking
     padded = np.zeros((pad_to, vocab), np.float32)
     padded[:num] = logits
     out = _sample(jnp.asarray(padded), t, all_greedy=t.all_greedy, needs_penalties=t.needs_penalties,
@@ -129,7 +130,7 @@ def test_from_params_packs_small_arrays():
                                     [[9] * 40, [8], [7, 6], [1]], vocab_size=100, pad_to=8)
     assert t.is_greedy.tolist() == [True, False, False, False, True, True, True, True]
     assert t.top_k.tolist() == [0, 5, 0, 0, 0, 0, 0, 0]  # top_k >= vocab is off
-    assert (t.all_greedy, t.needs_penalties, t.max_top_k, t.use_top_p, t.use_min_p) == (False, True, 16, True, False)
+    assert (t.all_greedy, t.needs_penalties, bool(t.want_logprobs)) == (False, True, False)
     # Only the penalized row's tokens travel, padded with V to a power-of-two length.
     assert t.output_token_ids.shape == (8, 16) and t.prompt_token_ids.shape == (8, 16)
     assert t.output_token_ids[2, :3].tolist() == [5, 5, 100] and (t.output_token_ids[[0, 1, 3]] == 100).all()
@@ -137,6 +138,11 @@ def test_from_params_packs_small_arrays():
     assert t.output_positions.tolist() == [3, 0, 1, 2, 0, 0, 0, 0]
     plain = SamplingTensors.from_params([SamplingParams(temperature=0)] * 2, [0, 0], [[1], [2]], [[3], [4]], 100, 4)
     assert plain.all_greedy and not plain.needs_penalties and plain.output_token_ids.shape == (4, 0)
+    fixed = SamplingTensors.from_params(params, [3, 0, 1, 2], [[1, 2, 3], [4], [5, 5], []],
+                                        [[9] * 40, [8], [7, 6], [1]], 100, 8, token_width=64)
+    assert fixed.output_token_ids.shape == fixed.prompt_token_ids.shape == (8, 64)
+    with pytest.raises(ValueError, match="token_width"):
+        SamplingTensors.from_params(params, [0] * 4, [[]] * 4, [[9] * 40] * 4, 100, 8, token_width=32)
     with pytest.raises(ValueError, match="pad_to"):
         SamplingTensors.from_params(params, [0] * 4, [[]] * 4, [[]] * 4, 100, 2)
     with pytest.raises(ValueError, match="one entry per request"):

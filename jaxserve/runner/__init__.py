@@ -97,7 +97,8 @@ class ModelRunner:
         self.buckets = Buckets(engine)
         self.decode_buckets, self.token_buckets = self.buckets.decode, self.buckets.tokens
         self.batch = BatchBuilder(self.buckets, page_size=self.page_size, vocab_size=config.vocab_size,
-                                  max_pages_per_request=self.max_pages_per_request)
+                                  max_pages_per_request=self.max_pages_per_request,
+                                  max_model_len=engine.max_model_len)
         self.layers_per_program = group_size(config.num_layers, engine.layers_per_program)
         # every parameter's shape, dtype and sharding, as the programs are compiled for them
         state = nnx.state(self.model)
@@ -206,20 +207,22 @@ class ModelRunner:
         return logits, tuple(new_kv), hidden
 
     def warmup(self, progress: bool = True):
-        """Compile every bucket (and the greedy and plain-temperature samplers for each request
-        count) up front, so that serving compiles nothing."""
+        """Compile every program a step can reach, so that serving compiles nothing: each
+        bucket's model programs and cache write, the prompt log-prob program of each token
+        count, and the three sampler variants of each sampler row count (batch.py)."""
         from tqdm.auto import tqdm
 
-        buckets = self.all_buckets()
+        buckets, sampled = self.all_buckets(), set()
         for b in tqdm(buckets, desc="Compiling buckets", disable=not progress, unit="bucket"):
             ids, md, li = self._dummy_batch(b)
-            logits, new_kv, _ = self._forward(b, ids, md, li)
+            logits, new_kv, hidden = self._forward(b, ids, md, li)
             self._write_kv(b, new_kv, md.slot_mapping)
-            for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0)):
-                t = SamplingTensors.from_params([params], [0], [[]], [[]], self.config.vocab_size,
-                                                pad_to=b.num_requests, rng=np.random.default_rng(0))
-                self._run_sampler(logits, self._put(t),
-                                  self._put(np.zeros((b.num_requests, 0), np.int32)), 0)
+            if b.query_block > 1:
+                self._prompt_logprobs_of(b, hidden, np.zeros(b.num_tokens, np.int32))
+            if li.shape[0] not in sampled:
+                sampled.add(li.shape[0])
+                for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
+                    self._run_sampler(logits, self._put(t), self._put(ban), num_logprobs)
         jax.block_until_ready(self.kv)
 
     def _put(self, tree):
@@ -252,7 +255,7 @@ class ModelRunner:
         static = dict(all_greedy=t.all_greedy, needs_penalties=t.needs_penalties,
                       num_logprobs=num_logprobs)
         key = ("sampler", rows, ban.shape[1], t.output_token_ids.shape, t.prompt_token_ids.shape,
-               t.max_top_k, t.use_top_p, t.use_min_p, *static.values())
+               *static.values())
         return self._program(key, self._sample, logits, t, ban, **static)(logits, t, ban)
 
     # -- one step -----------------------------------------------------------------------------
@@ -314,11 +317,13 @@ class ModelRunner:
         res: SamplerOutput = self._run_sampler(logits, tensors, ban, inputs.num_logprobs)
         prompt_out = None
         if inputs.prompt_targets is not None:
-            targets = self._put(inputs.prompt_targets)
-            hl, el = self._head_leaves, self._embed_leaves
-            prompt_out = self._program(("prompt_logprobs", b.num_tokens), self._prompt_logprobs,
-                                       hl, el, hidden, targets)(hl, el, hidden, targets)
+            prompt_out = self._prompt_logprobs_of(b, hidden, inputs.prompt_targets)
         return res, prompt_out
+
+    def _prompt_logprobs_of(self, b: Bucket, hidden, targets):
+        targets, hl, el = self._put(targets), self._head_leaves, self._embed_leaves
+        return self._program(("prompt_logprobs", b.num_tokens), self._prompt_logprobs,
+                             hl, el, hidden, targets)(hl, el, hidden, targets)
 
     def reset_cache(self):
         """A zeroed KV cache in place of one a failed step may have consumed (it is donated to

@@ -12,10 +12,13 @@ import numpy as np
 
 from jaxserve.kernels import AttentionMetadata, build_metadata
 from jaxserve.runner.buckets import Bucket, Buckets
-from jaxserve.sampling import SamplingParams, SamplingTensors
+from jaxserve.sampling import MAX_STOP_TOKEN_IDS, SamplingParams, SamplingTensors
 from jaxserve.sched import SchedulerOutput
 
 NUM_TOP_LOGPROBS = 20  # top log-probs are computed for 20 and cut on host: one sampler variant
+# Banned-token rows (eos + stop_token_ids of requests below min_tokens) have this fixed width,
+# so their shape is no compile key; SamplingParams bounds stop_token_ids below it.
+BAN_WIDTH = 2 * MAX_STOP_TOKEN_IDS
 _FAILED_ROW = SamplingParams(temperature=0)  # the row of a request whose inputs failed to build
 
 
@@ -41,18 +44,19 @@ class StepInputs:
     bucket: Bucket
     token_ids: np.ndarray  # [T] int32
     md: AttentionMetadata  # numpy, padded to the bucket
-    logits_indices: np.ndarray  # [R] int32, each request's last token on T
-    sampling: SamplingTensors  # numpy, R rows
-    banned: np.ndarray  # [R, k] int32 tokens a row cannot draw (-1 = none), k a power of two or 0
-    num_logprobs: int  # top log-probs to compute (0 or NUM_TOP_LOGPROBS)
+    logits_indices: np.ndarray  # [B] int32, each request's last token on T (B: sampler rows)
+    sampling: SamplingTensors  # numpy, B rows
+    banned: np.ndarray  # [B, BAN_WIDTH or 0] int32 tokens a row cannot draw (-1 = none)
+    num_logprobs: int  # 0 in the greedy variant, else NUM_TOP_LOGPROBS (computed when wanted)
     prompt_targets: np.ndarray | None  # [T] int32 next prompt token per position; None: no prompt logprobs
 
 
 class BatchBuilder:
     def __init__(self, buckets: Buckets, *, page_size: int, max_pages_per_request: int,
-                 vocab_size: int):
+                 vocab_size: int, max_model_len: int):
         self.buckets, self.page_size = buckets, page_size
         self.max_pages_per_request, self.vocab_size = max_pages_per_request, vocab_size
+        self.max_model_len = max_model_len
 
     def metadata(self, b: Bucket, query_lens, kv_lens, page_tables) -> AttentionMetadata:
         return build_metadata(query_lens=query_lens, kv_lens=kv_lens, page_tables=page_tables,
@@ -65,7 +69,24 @@ class BatchBuilder:
         """(token ids, metadata, logits indices) of a batch that writes only page 0."""
         n = 1 if b.query_block == 1 else b.num_tokens
         md = self.metadata(b, [n], [n], [[0] * self.max_pages_per_request])
-        return np.zeros(b.num_tokens, np.int32), md, np.zeros(b.num_requests, np.int32)
+        rows = self.buckets.sampler_rows(b.num_requests)
+        return np.zeros(b.num_tokens, np.int32), md, np.zeros(rows, np.int32)
+
+    def sampler_variants(self, rows: int):
+        """(SamplingTensors, banned, num_logprobs) of each sampler variant at `rows` rows: what
+        warmup compiles so that no step compiles one (see `sampling_inputs`)."""
+        greedy, plain = SamplingParams(temperature=0), SamplingParams(temperature=1.0)
+        penalized = SamplingParams(temperature=1.0, repetition_penalty=1.1)
+        out = []
+        for p, num_logprobs in ((greedy, 0), (plain, NUM_TOP_LOGPROBS), (penalized, NUM_TOP_LOGPROBS)):
+            t = self._tensors([p], [0], [[]], [[]], rows, rng=np.random.default_rng(0))
+            ban = np.full((rows, BAN_WIDTH if t.needs_penalties else 0), -1, np.int32)
+            out.append((t, ban, num_logprobs))
+        return out
+
+    def _tensors(self, sp, positions, outputs, prompts, rows, **kw) -> SamplingTensors:
+        return SamplingTensors.from_params(sp, positions, outputs, prompts, self.vocab_size,
+                                           pad_to=rows, token_width=self.max_model_len, **kw)
 
     def prepare(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
                 ) -> tuple[StepInputs, dict, dict[str, str]]:
@@ -83,7 +104,7 @@ class BatchBuilder:
         ids = np.zeros(b.num_tokens, np.int32)
         ids[:sum(qlens)] = [t for s in sched for t in s.token_ids]
         last = np.cumsum(qlens) - 1  # each request's last token: where its next token is sampled
-        logits_indices = np.zeros(b.num_requests, np.int32)
+        logits_indices = np.zeros(self.buckets.sampler_rows(b.num_requests), np.int32)
         logits_indices[:len(sched)] = last
         sp = [params_of[s.request_id] for s in sched]
         failed: dict[str, str] = {}
@@ -100,26 +121,41 @@ class BatchBuilder:
             sp = [_FAILED_ROW if s.request_id in failed else p for s, p in zip(sched, sp)]
             parts = self.sampling_inputs(b, sched, sp, skip=set(failed))
         tensors, ban, targets, rows = parts
-        num_logprobs = NUM_TOP_LOGPROBS if any(p.logprobs for p in sp) else 0
+        num_logprobs = 0 if tensors.all_greedy and not tensors.want_logprobs else NUM_TOP_LOGPROBS
         return StepInputs(b, ids, md, logits_indices, tensors, ban, num_logprobs, targets), rows, failed
 
     def sampling_inputs(self, b: Bucket, sched, sp: list[SamplingParams], skip=frozenset()):
-        """(SamplingTensors, banned [R, k], prompt targets, prompt rows) of a step's requests;
-        requests in `skip` ban nothing."""
+        """(SamplingTensors, banned [B, BAN_WIDTH or 0], prompt targets, prompt rows) of a step's
+        requests; requests in `skip` ban nothing.
+
+        Three sampler variants, whatever the requests ask for: greedy (all rows greedy, no
+        log-probs, nothing banned), general (temperature, top-k/p, min-p, seeds, log-probs), and
+        general with token-id arrays of fixed width (penalties, or stop tokens banned under
+        min_tokens). The tensors' static flags name the variant."""
         reqs = [s.request for s in sched]
-        banned = [list(r.eos_token_ids | r.stop_token_ids)
+        banned = [sorted(r.eos_token_ids | r.stop_token_ids)
                   if r.num_output_tokens < p.min_tokens and r.request_id not in skip else []
                   for r, p in zip(reqs, sp)]
-        width = max((len(x) for x in banned), default=0)
-        ban = np.full((b.num_requests, 1 << max(0, width - 1).bit_length() if width else 0), -1,
-                      np.int32)
-        for i, banned_ids in enumerate(banned):
-            ban[i, :len(banned_ids)] = banned_ids  # ids were checked against V at submission
-        tensors = SamplingTensors.from_params(
-            sp, [r.num_output_tokens for r in reqs], [r.output_token_ids for r in reqs],
-            [r.prompt_token_ids for r in reqs], self.vocab_size, pad_to=b.num_requests)
-        targets, rows = self.prompt_targets(b, sched, sp)
-        return tensors, ban, targets, rows
+        rows = self.buckets.sampler_rows(b.num_requests)
+        tensors = self._tensors(sp, [r.num_output_tokens for r in reqs],
+                                [r.output_token_ids for r in reqs], [r.prompt_token_ids for r in reqs],
+                                rows)
+        ban = np.full((rows, 0), -1, np.int32)
+        if any(banned) or tensors.needs_penalties:
+            ban = np.full((rows, BAN_WIDTH), -1, np.int32)
+            for i, banned_ids in enumerate(banned):
+                if len(banned_ids) > BAN_WIDTH:
+                    raise ValueError(f"{len(banned_ids)} banned tokens exceed {BAN_WIDTH}")
+                ban[i, :len(banned_ids)] = banned_ids  # ids were checked against V at submission
+            if not tensors.needs_penalties:  # the variant with token-id arrays, all padding
+                pad = np.full((rows, self.max_model_len), self.vocab_size, np.int32)
+                tensors = dataclasses.replace(tensors, output_token_ids=pad, prompt_token_ids=pad,
+                                              needs_penalties=True, all_greedy=False)
+        if tensors.all_greedy and (tensors.want_logprobs or tensors.needs_penalties):
+            # log-probs and penalties live in the general variants; greedy rows are still greedy
+            tensors = dataclasses.replace(tensors, all_greedy=False)
+        targets, prompt_rows = self.prompt_targets(b, sched, sp)
+        return tensors, ban, targets, prompt_rows
 
     @staticmethod
     def prompt_targets(b: Bucket, sched, sp: list[SamplingParams]):

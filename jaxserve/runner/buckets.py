@@ -42,6 +42,21 @@ class Buckets:
         self.tokens = powers_of_two(min(16, engine.max_num_batched_tokens),
                                     engine.max_num_batched_tokens)
 
+    def sampler_rows(self, num_requests: int) -> int:
+        """Rows of the logits and the sampler: powers of 8 up to max_num_seqs, so that three
+        sampler variants per row count, compiled in warmup, serve every bucket (the head
+        computes a few padding rows more: at batch 1, 8 rows of the head cost what 1 does, as
+        it reads the same [V, D] weights)."""
+        return next(r for r in self.sampler if r >= num_requests)
+
+    @property
+    def sampler(self) -> list[int]:
+        rows, r = [], 8
+        while r < self.max_num_seqs:
+            rows.append(r)
+            r *= 8
+        return rows + [self.max_num_seqs]
+
     def prefill(self, t: int) -> Bucket:
         # Up to T/4 requests (all of them in the largest bucket): every padding request costs a
         # padding query block (measured: a 128-token prefill padded to 64 requests spent most of

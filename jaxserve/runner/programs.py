@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from jaxserve import parallel
 from jaxserve.kernels import write_kv, write_summaries
-from jaxserve.sampling import SamplerOutput, SamplingTensors, sample, token_logprobs
+from jaxserve.sampling import SamplerOutput, SamplingTensors, maybe_token_logprobs, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,4 +65,5 @@ def sample_program(logits, t: SamplingTensors, banned, *, all_greedy, needs_pena
     cols = jnp.where(banned < 0, logits.shape[1], banned)
     masked = logits.at[rows, cols].set(-jnp.inf, mode="drop")
     out = sample(masked, t, all_greedy=all_greedy, needs_penalties=needs_penalties, num_logprobs=0)
-    return SamplerOutput(out.token_ids, *token_logprobs(logits, out.token_ids, num_logprobs))
+    return SamplerOutput(out.token_ids, *maybe_token_logprobs(logits, out.token_ids, num_logprobs,
+                                                              t.want_logprobs))
