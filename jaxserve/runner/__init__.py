@@ -293,7 +293,7 @@ class ModelRunner:
         if failed:
             raise ValueError(f"the step's inputs could not be built: {failed}")
         keep = [i for i, s in enumerate(sched) if s.samples_token]
-        targets = np.zeros(inputs.bucket.num_requests, np.int32)
+        targets = np.zeros(len(inputs.logits_indices), np.int32)  # one per logit row
         targets[keep] = [next_tokens[sched[i].request_id] for i in keep]
         b = inputs.bucket
         ids, md, li, t = self._put((inputs.token_ids, inputs.md, inputs.logits_indices, targets))
@@ -301,7 +301,7 @@ class ModelRunner:
         self._write_kv(b, new_kv, md.slot_mapping)
         ce_program = jax.jit(optax.losses.softmax_cross_entropy_with_integer_labels,
                              out_shardings=self._replicated)
-        ce = np.asarray(self._program(("cross_entropy", b.num_requests), ce_program, logits, t)(
+        ce = np.asarray(self._program(("cross_entropy", len(targets)), ce_program, logits, t)(
             logits, t))[keep]
         rids = [sched[i].request_id for i in keep]
         return StepResult(rids, targets[keep], -ce, None, None, None), dict(zip(rids, ce.tolist()))
