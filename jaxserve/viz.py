@@ -14,6 +14,8 @@ called, so `import jaxserve` never does. Inputs are host data: `StepRecord`s (re
 
 from __future__ import annotations
 
+import functools
+import io
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,11 +30,25 @@ if TYPE_CHECKING:
 DECODE, PREFILL, STAGE = "#4c72b0", "#dd8452", "#c44e52"  # colors shared by the panels
 
 
-def _figure(nrows: int, ncols: int = 1, *, figsize, sharex: bool = False):
+@functools.cache
+def _figure_class():
     from matplotlib.figure import Figure
 
-    # A Figure not registered with pyplot: nothing global, no GUI backend, freed with its object.
-    fig = Figure(layout="constrained", figsize=figsize)
+    class PlotFigure(Figure):
+        """A Figure not registered with pyplot (nothing global, no GUI backend, freed with its
+        object) that Jupyter shows as a PNG: a bare Figure has no image repr unless pyplot's
+        inline backend was set up first."""
+
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=90)
+            return buf.getvalue()
+
+    return PlotFigure
+
+
+def _figure(nrows: int, ncols: int = 1, *, figsize, sharex: bool = False):
+    fig = _figure_class()(layout="constrained", figsize=figsize)
     return fig, fig.subplots(nrows, ncols, squeeze=False, sharex=sharex)
 
 
@@ -142,4 +158,64 @@ def attention_heatmap(weights: np.ndarray, tokens: Sequence[str], *,
         ax.set_yticks(range(t), labels if ax is axes[0][0] else [""] * t, fontsize=7)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def logprobs(completion, *, max_tokens: int = 8, title: str | None = None) -> Figure:
+    """The top alternatives at each of a completion's first `max_tokens` positions, as bars of
+    probability, the sampled token's bar highlighted (run with SamplingParams(logprobs=k))."""
+    if not completion.logprobs:
+        raise ValueError("the completion has no log-probs: generate with SamplingParams(logprobs=k)")
+    n = min(max_tokens, len(completion.logprobs))
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = _figure(rows, cols, figsize=(2.6 * cols, 1.9 * rows))
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_visible(False)
+            continue
+        chosen = completion.token_ids[i]
+        ranked = sorted(completion.logprobs[i].items(), key=lambda kv: -kv[1].logprob)
+        labels = [repr(lp.decoded_token)[1:-1] for _, lp in ranked]
+        probs = np.exp([lp.logprob for _, lp in ranked])
+        colors = [PREFILL if t == chosen else DECODE for t, _ in ranked]
+        ax.barh(range(len(ranked)), probs, color=colors)
+        ax.set_yticks(range(len(ranked)), labels, fontsize=8)
+        ax.invert_yaxis()  # most likely on top
+        ax.set_xlim(0, 1)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"{i}: {labels[[t for t, _ in ranked].index(chosen)]!r}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def array_sharding(x, *, axes: tuple[int, int] = (0, 1), names: Sequence[str] | None = None,
+                   title: str | None = None) -> Figure:
+    """Which device holds which block of a sharded jax.Array, drawn over two of its axes (rows
+    `axes[0]`, columns `axes[1]`); devices holding the same block (replicas) share a box."""
+    shape = x.shape if x.ndim >= 2 else (1, *x.shape)
+    axes = axes if x.ndim >= 2 else (0, 1)
+    index_map = x.sharding.devices_indices_map(tuple(x.shape))
+    blocks: dict[tuple, list[int]] = {}
+    for device, index in index_map.items():
+        index = index if x.ndim >= 2 else (slice(0, 1), *index)
+        span = tuple(index[a].indices(shape[a])[:2] for a in axes)
+        blocks.setdefault(span, []).append(device.id)
+    fig, ax = _figure(1, 1, figsize=(4.5, 3.2))
+    ax = ax[0, 0]
+    from matplotlib.patches import Rectangle
+
+    palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+    for k, (((r0, r1), (c0, c1)), devices) in enumerate(sorted(blocks.items())):
+        ax.add_patch(Rectangle((c0, r0), c1 - c0, r1 - r0, facecolor=palette[k % len(palette)],
+                               edgecolor="white", linewidth=2))
+        ax.text((c0 + c1) / 2, (r0 + r1) / 2, "dev " + ",".join(map(str, sorted(devices))),
+                ha="center", va="center", color="white", fontsize=8)
+    ax.set_xlim(0, shape[axes[1]])
+    ax.set_ylim(shape[axes[0]], 0)
+    label = (lambda a: names[a]) if names else (lambda a: f"axis {a}")  # noqa: E731
+    ax.set_xlabel(f"{label(axes[1])} ({shape[axes[1]]})")
+    ax.set_ylabel(f"{label(axes[0])} ({shape[axes[0]]})")
+    ax.set_title(title or f"{x.dtype}{list(x.shape)}: {x.sharding.spec}", fontsize=9)
     return fig

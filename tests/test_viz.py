@@ -19,6 +19,7 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=50)
     assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"  # what Jupyter shows, without pyplot
     return buf.getvalue()
 
 
@@ -101,3 +102,35 @@ def test_dense_forward_matches_engine_prompt_logprobs(make_tiny_engine):
         engine_lp = out.prompt_logprobs[i][ids[i]].logprob
         assert math.isclose(logp[i - 1, ids[i]], engine_lp, abs_tol=2e-4), i
     assert np.allclose(attn.sum(-1), 1, atol=1e-5) and np.all(np.triu(attn, 1) == 0)
+
+
+def test_logprobs_bars_per_position():
+    from jaxserve.outputs import CompletionOutput, Logprob
+
+    positions = [{5: Logprob(math.log(0.7), 1, " Paris"), 6: Logprob(math.log(0.2), 2, " Lyon")},
+                 {7: Logprob(math.log(0.5), 1, "."), 8: Logprob(math.log(0.4), 2, "\n")}]
+    done = CompletionOutput(0, " Paris\n", [5, 8], None, positions)
+    fig = viz.logprobs(done)
+    _png(fig)
+    first, second = fig.axes
+    assert [round(p.get_width(), 6) for p in first.patches] == [0.7, 0.2]
+    assert [t.get_text() for t in second.get_yticklabels()] == [".", "\\n"]
+    assert second.get_title() == "1: '\\\\n'"  # the sampled token, rank 2 here
+    assert second.patches[1].get_facecolor() != second.patches[0].get_facecolor()  # highlighted
+    with pytest.raises(ValueError, match="logprobs=k"):
+        viz.logprobs(CompletionOutput(0, "x", [1], None, None))
+
+
+def test_array_sharding_draws_each_devices_block():
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tensor"))
+    x = jax.device_put(np.zeros((64, 12, 5), np.float32), NamedSharding(mesh, P(None, "tensor")))
+    fig = viz.array_sharding(x, names=("D", "K", "C"))
+    _png(fig)
+    ax = fig.axes[0]
+    assert sorted((p.get_x(), p.get_width(), p.get_height()) for p in ax.patches) == \
+        [(0, 3, 64), (3, 3, 64), (6, 3, 64), (9, 3, 64)]  # K split in 4, replicated over "data"
+    assert sorted(t.get_text() for t in ax.texts) == ["dev 0,4", "dev 1,5", "dev 2,6", "dev 3,7"]
+    assert ax.get_xlabel() == "K (12)" and ax.get_ylabel() == "D (64)"
