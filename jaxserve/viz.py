@@ -184,7 +184,7 @@ def logprobs(completion, *, max_tokens: int = 8, title: str | None = None) -> Fi
         ax.invert_yaxis()  # most likely on top
         ax.set_xlim(0, 1)
         ax.tick_params(axis="x", labelsize=7)
-        ax.set_title(f"{i}: {labels[[t for t, _ in ranked].index(chosen)]!r}", fontsize=9)
+        ax.set_title(f"{i}: '{labels[[t for t, _ in ranked].index(chosen)]}'", fontsize=9)
     if title:
         fig.suptitle(title)
     return fig
@@ -214,6 +214,10 @@ def array_sharding(x, *, axes: tuple[int, int] = (0, 1), names: Sequence[str] | 
                 ha="center", va="center", color="white", fontsize=8)
     ax.set_xlim(0, shape[axes[1]])
     ax.set_ylim(shape[axes[0]], 0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     label = (lambda a: names[a]) if names else (lambda a: f"axis {a}")  # noqa: E731
     ax.set_xlabel(f"{label(axes[1])} ({shape[axes[1]]})")
     ax.set_ylabel(f"{label(axes[0])} ({shape[axes[0]]})")

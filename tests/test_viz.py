@@ -115,7 +115,7 @@ def test_logprobs_bars_per_position():
     first, second = fig.axes
     assert [round(p.get_width(), 6) for p in first.patches] == [0.7, 0.2]
     assert [t.get_text() for t in second.get_yticklabels()] == [".", "\\n"]
-    assert second.get_title() == "1: '\\\\n'"  # the sampled token, rank 2 here
+    assert second.get_title() == "1: '\\n'"  # the sampled token, rank 2 here
     assert second.patches[1].get_facecolor() != second.patches[0].get_facecolor()  # highlighted
     with pytest.raises(ValueError, match="logprobs=k"):
         viz.logprobs(CompletionOutput(0, "x", [1], None, None))
