@@ -91,15 +91,18 @@ class KVState:
                 f"gradient(to right,{color} {pct}%,#9db0cf {pct}%)'>{page}</span>")
 
     def _pool_html(self) -> str:
-        """Every page id as a small square: free, held by one request, or shared."""
+        """Every page id as a small square: free, held by one request, or shared (a title on
+        the pages in use only, so that a pool of thousands of pages stays a small page)."""
         counts = self.ref_counts[:_MAX_POOL_CELLS]
         cells = "".join(
-            f"<span title='page {p}: {c} holders' style='display:inline-block;width:8px;height:8px;"
-            f"margin:1px;background:{'#000' if p == NULL_PAGE else _color(c)}'></span>"
+            f"<i style='background:{'#000' if p == NULL_PAGE else _color(c)}'"
+            + (f" title='page {p}: {c} holders'" if c else "") + "></i>"
             for p, c in enumerate(counts))
         more = "" if len(self.ref_counts) <= _MAX_POOL_CELLS else \
             f"<div>(first {_MAX_POOL_CELLS} of {len(self.ref_counts)} pages)</div>"
-        return f"<div style='max-width:640px;line-height:0;margin-top:6px'>{cells}</div>{more}"
+        return (f"<style>.jaxserve-pool i{{display:inline-block;width:8px;height:8px;margin:1px}}"
+                f"</style><div class='jaxserve-pool' style='max-width:640px;line-height:0;"
+                f"margin-top:6px'>{cells}</div>{more}")
 
 
 def _color(count: int) -> str:

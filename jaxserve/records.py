@@ -95,5 +95,11 @@ class StepRecords(list):
     def __str__(self) -> str:
         return "\n".join(str(r) for r in self)
 
+    def __repr__(self) -> str:  # the first and last steps, not 16 fields of every one
+        lines = [str(r) for r in (self if len(self) <= 6 else [*self[:3], *self[-3:]])]
+        if len(self) > 6:
+            lines.insert(3, f"... {len(self) - 6} steps ...")
+        return f"StepRecords({len(self)} steps)" + "".join(f"\n  {line}" for line in lines)
+
     def _repr_html_(self) -> str:
         return f"<div>{len(self)} steps</div>" + records_html(self)

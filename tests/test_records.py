@@ -35,6 +35,8 @@ def test_table_of_a_run_elides_the_middle_and_marks_preemptions():
     assert "... 90 steps ..." in h
     assert h.count("background:#fde2c8") == 1  # step 2 preempted
     assert "<td>99</td>" in h and "<td>50</td>" not in h
+    text = repr(StepRecords(records))
+    assert text.startswith("StepRecords(100 steps)\n  step 0: ") and "\n  ... 94 steps ...\n  step 97:" in text
     run = StepRecords(records[:3])
     assert run._repr_html_().startswith("<div>3 steps</div>") and str(run).count("\n") == 2
 

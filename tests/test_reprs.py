@@ -83,7 +83,10 @@ def test_kv_state_shows_each_page_table_and_shared_prefix(llm):
     h = state._repr_html_()
     cells = re.findall(r"<span title='page (\d+): positions[^']*held by (\d+)'", h)
     assert cells[:3] == [(str(p), str(state.ref_counts[p])) for p in a.page_ids]
-    assert len(re.findall(r"width:8px;height:8px", h)) == state.num_pages  # the pool grid
+    pool = re.findall(r"<i style='background:([^']*)'(?: title='page (\d+): (\d+) holders')?></i>", h)
+    assert len(pool) == state.num_pages  # the pool grid: page 0 black, held pages titled
+    assert pool[0][0] == "#000" and [int(p) for _, p, _ in pool if p] == \
+        [p for p in range(1, state.num_pages) if state.ref_counts[p]]
     assert f"a [running] {a.num_computed_tokens} tokens (0 from the prefix cache): pages " \
            f"{list(a.page_ids)}" in str(state)
     while engine.has_unfinished_requests():
