@@ -223,3 +223,33 @@ def array_sharding(x, *, axes: tuple[int, int] = (0, 1), names: Sequence[str] | 
     ax.set_ylabel(f"{label(axes[0])} ({shape[axes[0]]})")
     ax.set_title(title or f"{x.dtype}{list(x.shape)}: {x.sharding.spec}", fontsize=9)
     return fig
+
+
+def page_selection(chosen: np.ndarray, positions: Sequence[int], *, page_size: int = 16,
+                   title: str | None = None) -> Figure:
+    """Which KV pages sparse decode reads as a request decodes: chosen [N, W] bool (one row per
+    decode position, from `models.probe.sparse_selection`), drawn with positions across and page
+    index up; pages not yet written are left blank, pages held but skipped are pale."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    chosen = np.asarray(chosen, bool)
+    positions = np.asarray(list(positions))
+    if chosen.ndim != 2 or chosen.shape[0] != len(positions):
+        raise ValueError(f"chosen must be [N, W] with N = {len(positions)} positions; got shape "
+                         f"{chosen.shape}")
+    held = np.arange(chosen.shape[1])[None, :] <= (positions // page_size)[:, None]  # [N, W]
+    state = np.where(chosen, 2, np.where(held, 1, 0)).T  # [W, N]: page up, position across
+    fig, ax = _figure(1, 1, figsize=(8, 3.6))
+    ax = ax[0, 0]
+    cmap = ListedColormap(["#ffffff", "#d6dff0", DECODE])
+    step = positions[1] - positions[0] if len(positions) > 1 else 1
+    ax.imshow(state, cmap=cmap, vmin=0, vmax=2, aspect="auto", origin="lower", interpolation="none",
+              extent=(positions[0] - step / 2, positions[-1] + step / 2, -0.5, chosen.shape[1] - 0.5))
+    ax.set_xlabel("position of the decoded token")
+    ax.set_ylabel(f"KV page ({page_size} tokens)")
+    ax.legend(handles=[Patch(color=DECODE, label="read"), Patch(color="#d6dff0", label="skipped")],
+              loc="upper left", fontsize=8)
+    share = chosen.sum() / held.sum()
+    ax.set_title(title or f"pages read: {share:.0%} of those held", fontsize=10)
+    return fig

@@ -134,3 +134,44 @@ def test_array_sharding_draws_each_devices_block():
         [(0, 3, 64), (3, 3, 64), (6, 3, 64), (9, 3, 64)]  # K split in 4, replicated over "data"
     assert sorted(t.get_text() for t in ax.texts) == ["dev 0,4", "dev 1,5", "dev 2,6", "dev 3,7"]
     assert ax.get_xlabel() == "K (12)" and ax.get_ylabel() == "D (64)"
+
+
+def test_sparse_selection_is_the_engines_choice_from_the_keys_before(tiny_model):
+    """Pages chosen per decode position: sink and window always, the budget's count, nothing
+    past the position, and the voted pages are those a numpy Quest bound + vote ranks best."""
+    from jaxserve.config import SparseAttentionConfig
+    from jaxserve.models.probe import _layers, sparse_selection
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(100, 20000, size=200).tolist()
+    config = SparseAttentionConfig(budget_tokens=64, sink_tokens=16, window_tokens=16, min_context=0)
+    positions = [100, 150, 199]
+    chosen = sparse_selection(tiny_model, ids, config, layer=1, positions=positions, page_size=16)
+    assert chosen.shape == (3, 13)
+    q, k = [(q, k) for q, k, _, _ in _layers(tiny_model, np.asarray(ids))][1]
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)  # [T, H, E], [T, K, E]
+    for row, p in zip(chosen, positions):
+        last = p // 16  # the page of the token being decoded
+        assert row[0] and row[last] and not row[last + 1:].any() and row.sum() == 4
+        # oracle: per head the Quest bound of each page from the keys before p (the current
+        # page holds a few), a softmax over the pages, summed over the heads
+        qs = q[p].reshape(2, 2, 16)  # [K, G, E]
+        pages = [k[pg * 16:min((pg + 1) * 16, p)] for pg in range(last + 1)]  # [<=S, K, E] each
+        bounds = np.stack([np.maximum(qs * keys.min(0)[:, None], qs * keys.max(0)[:, None]).sum(-1)
+                           for keys in pages], axis=-1) * 16 ** -0.5  # [K, G, pages]
+        soft = np.exp(bounds - bounds.max(-1, keepdims=True))
+        votes = (soft / soft.sum(-1, keepdims=True)).sum((0, 1))
+        best = 1 + np.argsort(-votes[1:last])[:2]  # two voted pages besides sink 0 and window `last`
+        assert set(np.flatnonzero(row)) == {0, last, *best.tolist()}
+
+
+def test_page_selection_draws_read_skipped_and_unwritten_pages():
+    chosen = np.array([[1, 0, 1, 0], [1, 1, 0, 1]], bool)  # 2 positions over 4 pages
+    fig = viz.page_selection(chosen, [40, 50], page_size=16)
+    _png(fig)
+    image = fig.axes[0].images[0].get_array()
+    # rows are pages; at position 40 page 3 is not written yet, at 50 (page 3) it is, and read
+    assert image.tolist() == [[2, 2], [1, 2], [2, 1], [0, 2]]
+    assert fig.axes[0].get_title() == "pages read: 71% of those held"  # 5 of 7
+    with pytest.raises(ValueError, match="N = 3 positions"):
+        viz.page_selection(chosen, [1, 2, 3])
