@@ -17,6 +17,7 @@ import html
 from jaxserve.sched import NULL_PAGE, Scheduler
 
 _HELD, _SHARED, _FREE = "#4c72b0", "#55a868", "#e8e8e8"  # one request, several, none
+_HOST = "#937860"  # a swapped request's page in host memory
 _MAX_POOL_CELLS = 4096
 
 
@@ -27,6 +28,7 @@ class RequestPages:
     page_ids: tuple[int, ...]  # page table: page_ids[i] holds positions [i * S, (i + 1) * S)
     num_computed_tokens: int  # positions with KV in those pages
     num_cached_tokens: int  # of them, found in the prefix cache at admission
+    host_page_ids: tuple[int, ...] = ()  # a swapped request's KV pages in host memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,8 @@ class KVState:
     def of(cls, scheduler: Scheduler) -> KVState:
         pm = scheduler.page_manager
         reqs = tuple(RequestPages(r.request_id, r.status.value, tuple(r.page_ids),
-                                  r.num_computed_tokens, r.num_cached_tokens)
+                                  r.num_computed_tokens, r.num_cached_tokens,
+                                  tuple(getattr(r, "host_page_ids", ())))
                      for r in (*scheduler.running, *scheduler.waiting))
         return cls(pm.num_pages, pm.page_size, tuple(pm.ref_count(p) for p in range(pm.num_pages)),
                    reqs)
@@ -57,8 +60,10 @@ class KVState:
         lines = [f"KV cache: {self.num_used_pages}/{self.num_pages - 1} pages of {self.page_size} "
                  f"slots in use ({self.num_shared_pages} shared)"]
         for r in self.requests:
+            host = f", host pages {list(r.host_page_ids)}" if r.host_page_ids else ""
             lines.append(f"  {r.request_id} [{r.status}] {r.num_computed_tokens} tokens "
-                         f"({r.num_cached_tokens} from the prefix cache): pages {list(r.page_ids)}")
+                         f"({r.num_cached_tokens} from the prefix cache): pages {list(r.page_ids)}"
+                         f"{host}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -73,6 +78,10 @@ class KVState:
         rows = []
         for r in self.requests:
             cells = "".join(self._page_cell(i, p, r) for i, p in enumerate(r.page_ids))
+            cells += "".join(f"<span title='host page {p}' style='display:inline-block;"
+                             f"min-width:2.2em;margin:1px;padding:0 2px;text-align:center;"
+                             f"font-size:11px;color:white;background:{_HOST}'>h{p}</span>"
+                             for p in r.host_page_ids)
             rows.append(f"<tr><td><b>{html.escape(r.request_id)}</b></td><td>{r.status}</td>"
                         f"<td>{r.num_computed_tokens}</td><td style='text-align:left'>{cells or '-'}"
                         f"</td></tr>")
@@ -111,4 +120,5 @@ def _color(count: int) -> str:
 
 _LEGEND = (f"<div style='font-size:11px'><span style='color:{_HELD}'>&#9632;</span> held by one "
            f"request &nbsp;<span style='color:{_SHARED}'>&#9632;</span> shared (prefix cache) &nbsp;"
+           f"<span style='color:{_HOST}'>&#9632;</span> in host memory (swapped) &nbsp;"
            f"<span style='color:#bbb'>&#9632;</span> free &nbsp;&#9632; page 0 (padding)</div>")

@@ -93,3 +93,14 @@ def test_kv_state_shows_each_page_table_and_shared_prefix(llm):
         engine.step()
     done = llm.kv_state()
     assert done.requests == () and done.num_used_pages == 0
+
+
+def test_kv_state_shows_host_pages_of_a_swapped_request():
+    from jaxserve.kv_state import KVState, RequestPages
+
+    state = KVState(4, 16, (0, 1, 0, 0), (RequestPages("a", "running", (1,), 10, 0),
+                                          RequestPages("s", "swapped", (), 40, 0, (7, 8, 9))))
+    assert "  s [swapped] 40 tokens (0 from the prefix cache): pages [], host pages [7, 8, 9]" \
+        in str(state)
+    assert re.findall(r"<span title='host page (\d+)'[^>]*>h\d+</span>", state._repr_html_()) == \
+        ["7", "8", "9"]
