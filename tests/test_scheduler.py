@@ -12,7 +12,13 @@ import weakref
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from jaxserve.sched import (
     NULL_PAGE,
@@ -48,11 +54,37 @@ def reference(prompt, max_tokens, eos=(), min_tokens=0):
 
 
 class FakeRunner:
+    """Also a fake host memory: swap_out copies pages' slots to `host[request_id]` (a list of
+    page contents), swap_in writes them into the new pages; a swap of the wrong pages, or a
+    read of a page after it was freed and reused, changes the tokens."""
+
     def __init__(self, sched: Scheduler):
         self.sched = sched
         self.kv: dict[tuple[int, int], tuple[int, int]] = {}
+        self.host: dict[str, list[dict[int, tuple[int, int]]]] = {}
+        self.swap_counts = [0, 0]  # pages out, in
+
+    def swap(self, out):
+        size = self.sched.config.page_size
+        for s in out.swap_out:
+            assert s.request_id not in self.host and len(s.host_page_ids) == len(s.device_page_ids)
+            self.host[s.request_id] = [{i: self.kv[(p, i)] for i in range(size) if (p, i) in self.kv}
+                                       for p in s.device_page_ids]
+            self.swap_counts[0] += len(s.device_page_ids)
+        for rid in out.swap_drop:
+            self.host.pop(rid, None)
+        for s in out.swap_in:
+            pages = self.host.pop(s.request_id)
+            assert len(pages) == len(s.device_page_ids) == len(s.host_page_ids)
+            for p, slots in zip(s.device_page_ids, pages):
+                assert self.sched.page_manager.ref_count(p) == 1  # fresh, its own
+                for i in range(size):
+                    self.kv.pop((p, i), None)
+                self.kv.update({(p, i): v for i, v in slots.items()})
+            self.swap_counts[1] += len(s.device_page_ids)
 
     def execute(self, out):
+        self.swap(out)
         size = self.sched.config.page_size
         written: set[int] = set()  # pages written by earlier entries of this step
         for e in out.scheduled:
@@ -127,6 +159,7 @@ def config(**kw):
 def assert_all_pages_free(sched):
     pm = sched.page_manager
     pm.verify()
+    assert sched.host_pool.num_free_pages == sched.host_pool.num_pages
     assert pm.num_free_pages == pm.num_usable_pages
     assert all(pm.ref_count(p) == 0 for p in range(pm.num_pages))
 
@@ -485,15 +518,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         budget=st.integers(1, 24),
         chunked=st.booleans(),
         prefix_caching=st.sampled_from([True, True, False]),  # hits need caching on
+        policy=st.sampled_from(["fcfs", "priority", "fair"]),
+        mode=st.sampled_from(["recompute", "swap", "auto"]),
+        host_pages=st.integers(0, 24),  # small pools fill up: swaps fall back to recompute
     )
-    def setup(self, page_size, num_pages, max_num_seqs, budget, chunked, prefix_caching):
+    def setup(self, page_size, num_pages, max_num_seqs, budget, chunked, prefix_caching, policy,
+              mode, host_pages):
         max_model_len = 30
         if not chunked:
             budget = max(budget, max_model_len)
         self.sched = Scheduler(SchedulerConfig(
             num_pages=num_pages, page_size=page_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget, max_model_len=max_model_len,
-            enable_prefix_caching=prefix_caching, enable_chunked_prefill=chunked))  # fmt: skip
+            enable_prefix_caching=prefix_caching, enable_chunked_prefill=chunked,
+            scheduling_policy=policy, preemption_mode=mode, num_host_pages=host_pages,
+            swap_seconds_per_page=1.0, recompute_seconds_per_token=0.3))  # fmt: skip
+        if policy == "fair":  # re-rank often with a small margin: many preemptions
+            self.sched.policy.interval, self.sched.policy.margin = 2, 4.0
         self.runner = runner_for(self.sched)
         self.expected: dict[str, list[int]] = {}
         self.finished: dict[str, Request] = {}
@@ -501,8 +542,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.next_id = 0
 
     @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 9), max_size=8),
-          max_tokens=st.integers(1, 12))  # fmt: skip
-    def add(self, prefix, tail, max_tokens):
+          max_tokens=st.integers(1, 12), priority=st.integers(-2, 2),
+          client=st.sampled_from(["x", "y", None]))  # fmt: skip
+    def add(self, prefix, tail, max_tokens, priority, client):
         prompt = (prefix + tail) or [0]
         rid = f"r{self.next_id}"
         self.next_id += 1
@@ -510,12 +552,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         fits = (len(prompt) + max_tokens <= sched.config.max_model_len
                 and math.ceil((len(prompt) + max_tokens - 1) / size)
                 <= sched.page_manager.num_usable_pages)  # fmt: skip
+        request = Request(rid, prompt, max_tokens=max_tokens, priority=priority, client_id=client)
         if not fits:
             with pytest.raises(RequestTooLongError):
-                sched.add_request(Request(rid, prompt, max_tokens=max_tokens))
+                sched.add_request(request)
             assert sched.get_request(rid) is None
             return
-        sched.add_request(Request(rid, prompt, max_tokens=max_tokens))
+        sched.add_request(request)
         self.expected[rid] = reference(prompt, max_tokens)
         self.total_tokens += len(prompt) + max_tokens
 
@@ -556,9 +599,16 @@ class SchedulerMachine(RuleBasedStateMachine):
                 owners[page] = owners.get(page, 0) + 1
         for page in range(pm.num_pages):
             assert pm.ref_count(page) == owners.get(page, 0)  # shared only through refcounts
+        host_owned = []
         for request in sched.waiting:
-            assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-            assert request.page_ids == [] and request.num_computed_tokens == 0
+            assert request.page_ids == []
+            if request.status is RequestStatus.SWAPPED:  # KV in host pages, computed kept
+                assert len(request.host_page_ids) == math.ceil(request.num_computed_tokens / size) > 0
+                host_owned += request.host_page_ids
+            else:
+                assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+                assert request.num_computed_tokens == 0 and request.host_page_ids == []
+        assert len(set(host_owned)) == len(host_owned) == sched.host_pool.num_used_pages
         assert len(sched.running) <= sched.config.max_num_seqs
         for rid, request in self.finished.items():
             assert request.output_token_ids == self.expected[rid][: request.num_output_tokens]
@@ -571,6 +621,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         for rid, request in finished.items():
             assert request.output_token_ids == self.expected[rid]
         assert_all_pages_free(self.sched)
+        out = self.sched.schedule()  # carries the drops of requests aborted while swapped
+        self.runner.execute(out)
+        self.sched.update(out, {})
+        assert self.runner.host == {}  # no host copy outlives its request
 
 
 SchedulerMachine.TestCase.settings = settings(

@@ -2,9 +2,13 @@
 
     request.py       Request, its state machine (RequestStatus) and stop checks (FinishReason)
     page_manager.py  PageManager: free list, reference counts, hashed prefix cache with LRU reuse
-    scheduler.py     Scheduler: FCFS continuous batching, chunked prefill, recompute preemption
+    scheduler.py     Scheduler: continuous batching, chunked prefill, recompute or swap preemption
+    step.py          SchedulerOutput: one step's batch entries, preemptions and KV swaps
+    policies.py      fcfs / priority / fair (VTC): the order the scheduler admits and preempts in
+    host_pool.py     HostPool: the bounded host-memory pages that swapped-out KV occupies
 """
 
+from jaxserve.sched.host_pool import HostPool
 from jaxserve.sched.page_manager import (
     NULL_PAGE,
     OutOfPagesError,
@@ -12,22 +16,32 @@ from jaxserve.sched.page_manager import (
     PageManagerError,
     hash_page,
 )
-from jaxserve.sched.request import FinishReason, InvalidRequestError, Request, RequestStatus
+from jaxserve.sched.policies import POLICIES, FairPolicy, make_policy
+from jaxserve.sched.request import (
+    FinishReason,
+    InvalidRequestError,
+    Request,
+    RequestStatus,
+)
 from jaxserve.sched.scheduler import (
+    PREEMPTION_MODES,
     DuplicateRequestError,
     RequestTooLongError,
-    ScheduledRequest,
     Scheduler,
     SchedulerConfig,
     SchedulerConfigError,
     SchedulerError,
-    SchedulerOutput,
     UnknownRequestError,
 )
+from jaxserve.sched.step import ScheduledRequest, SchedulerOutput, Swap
 
 __all__ = [
     "NULL_PAGE",
+    "POLICIES",
+    "PREEMPTION_MODES",
     "DuplicateRequestError",
+    "FairPolicy",
+    "HostPool",
     "FinishReason",
     "InvalidRequestError",
     "OutOfPagesError",
@@ -42,6 +56,8 @@ __all__ = [
     "SchedulerConfigError",
     "SchedulerError",
     "SchedulerOutput",
+    "Swap",
     "UnknownRequestError",
     "hash_page",
+    "make_policy",
 ]

@@ -2,9 +2,12 @@
 
     add_request ─► WAITING ──schedule() admits──► RUNNING ──update(): stop / length──► FINISHED
                       ▲                                │
-                      └──────── PREEMPTED ◄────────────┘  when pages run out: pages freed, queued
-                                                           at the FRONT of the waiting queue; its
-                                                           admission recomputes prompt + outputs
+                      ├──────── PREEMPTED ◄────────────┤  when pages run out: pages freed, queued
+                      │                                │  by the policy's rank; its admission
+                      │                                │  recomputes prompt + outputs
+                      └──────── SWAPPED ◄──────────────┘  or its KV copied to host memory
+                                                           (host_page_ids) and copied back to
+                                                           new device pages at its admission
     abort() / finish_request(): any unfinished state ──► FINISHED, pages freed at once
 
 Only the scheduler moves a request between states; the fields below the first block are its
@@ -27,7 +30,8 @@ class InvalidRequestError(JaxserveError, ValueError):
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # added, never admitted yet
     RUNNING = "running"  # holds pages covering its computed tokens
-    PREEMPTED = "preempted"  # pages taken back; waits at the queue front to recompute
+    PREEMPTED = "preempted"  # pages taken back; waits to recompute
+    SWAPPED = "swapped"  # KV in host memory (host_page_ids); waits to be copied back
     FINISHED = "finished"  # pages freed; finish_reason says why
 
 
@@ -56,6 +60,8 @@ class Request:
     ignore_eos: bool = False
     sampling_params: object | None = None  # opaque here; for the runner's sampler
     use_prefix_cache: bool = True  # False: compute every prompt token (e.g. for prompt log-probs)
+    priority: int = 0  # lower runs first under the "priority" policy (vLLM's meaning)
+    client_id: str | None = None  # whose service the "fair" policy accounts (OpenAI `user`)
 
     # ---- scheduler bookkeeping ----
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
@@ -68,6 +74,8 @@ class Request:
     # Tokens served from the prefix cache at the latest admission (a statistic).
     num_cached_tokens: int = field(default=0, init=False)
     num_preemptions: int = field(default=0, init=False)
+    arrival_seq: int = field(default=0, init=False)  # order of add_request: FCFS rank, tie-break
+    host_page_ids: list[int] = field(default_factory=list, init=False, repr=False)  # SWAPPED
     # Leading pages of page_ids already offered to the prefix cache.
     num_registered_pages: int = field(default=0, init=False, repr=False)
     # Chained hashes of the full pages of all token ids; tokens are append-only, so computed once.
@@ -84,6 +92,9 @@ class Request:
             raise InvalidRequestError(
                 f"request {self.request_id!r}: max_tokens must be >= 1, got {self.max_tokens}"
             )
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise InvalidRequestError(
+                f"request {self.request_id!r}: priority must be an integer, got {self.priority!r}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError(
                 f"request {self.request_id!r}: min_tokens must be in 0..max_tokens "

@@ -1,4 +1,4 @@
-"""FCFS continuous-batching scheduler with chunked prefill and recompute preemption. Host only.
+"""Continuous-batching scheduler: chunked prefill, policies, recompute or swap preemption. Host only.
 
 One engine step reads:
 
@@ -7,147 +7,47 @@ One engine step reads:
     finished = scheduler.update(out, sampled)   # append tokens, stop checks, free finished pages
 
 `schedule()` fills a token budget (`max_num_batched_tokens`) under a request cap (`max_num_seqs`)
-in three passes, so decode and prefill tokens of many requests share one ragged batch:
-  1. decodes of running requests (one token each), oldest first;
-  2. prefill continuations of running requests, oldest first, chunked to the budget left;
-  3. admissions from the waiting queue in FCFS order; a prefix-cache hit skips the shared full
-     pages, and the last admitted prompt is chunked to the budget left. No admissions in a step that
-     preempted: the pages just taken back are for the requests already running.
-When a running request needs pages and none are free, the NEWEST running request is preempted by
-recompute: its pages are freed and it waits at the front of the queue to recompute prompt + outputs
-(cheaply, from the prefix cache, if its pages were not evicted meanwhile). The oldest running
+in three passes, so decode and prefill tokens of many requests share one ragged batch. Order is
+the policy's rank (`policies.py`: fcfs = arrival order, priority, fair), best first:
+  1. decodes of running requests (one token each);
+  2. prefill continuations of running requests, chunked to the budget left;
+  3. admissions from the waiting queue; a prefix-cache hit skips the shared full pages, a swapped
+     request gets new pages and its KV copied back, and the last admitted prompt is chunked to the
+     budget left. No admissions in a step that preempted: the pages just taken back are for the
+     requests already running. A waiting request that does not fit may preempt the worst running
+     one where the policy says so (priority: a smaller priority value; fair: less service).
+When a running request needs pages and none are free, the WORST-ranked running request is
+preempted (under fcfs the newest): by recompute (pages freed; its admission recomputes prompt +
+outputs, cheaply from the prefix cache if its pages were not evicted meanwhile) or by swap (its
+KV copied to host memory, `SchedulerOutput.swap_out`, and back at its admission, `swap_in`), as
+`preemption_mode` says; a swap that does not fit the host pool recomputes. The best-ranked running
 request is never preempted by another one, and `add_request` only accepts requests that fit the
 cache alone, so every request finishes and no request ever fails for lack of pages.
 """
 
-from collections import deque
-from dataclasses import dataclass
-
-from jaxserve.errors import JaxserveError
+from jaxserve.sched.config import (
+    PREEMPTION_MODES,
+    DuplicateRequestError,
+    RequestTooLongError,
+    SchedulerConfig,
+    SchedulerConfigError,
+    SchedulerError,
+    UnknownRequestError,
+)
+from jaxserve.sched.host_pool import HostPool
 from jaxserve.sched.page_manager import PageManager
-from jaxserve.sched.request import FinishReason, InvalidRequestError, Request, RequestStatus
+from jaxserve.sched.policies import make_policy
+from jaxserve.sched.request import (
+    FinishReason,
+    InvalidRequestError,
+    Request,
+    RequestStatus,
+)
+from jaxserve.sched.step import ScheduledRequest, SchedulerOutput, StepBuilder, Swap
 
-
-class SchedulerConfigError(JaxserveError, ValueError):
-    """A SchedulerConfig field is out of range or inconsistent with another."""
-
-
-class RequestTooLongError(JaxserveError, ValueError):
-    """The request can never run: longer than max_model_len, or more pages than the whole cache."""
-
-
-class DuplicateRequestError(JaxserveError, ValueError):
-    """A request with this id is already waiting or running."""
-
-
-class UnknownRequestError(JaxserveError, LookupError):
-    """No unfinished request has this id."""
-
-
-class SchedulerError(JaxserveError, RuntimeError):
-    """The scheduler was driven out of protocol (update without schedule, missing tokens)."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    num_pages: int  # KV cache pages, page 0 (reserved for padding) included
-    page_size: int = 16  # token slots per page (S)
-    max_num_seqs: int = 64  # requests running at once
-    max_num_batched_tokens: int = 512  # tokens computed per step, decode and prefill together
-    max_model_len: int = 2048  # prompt + max_tokens of any request
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-
-    def __post_init__(self):
-        minimums = {"num_pages": 2, "page_size": 1, "max_num_seqs": 1,
-                    "max_num_batched_tokens": 1, "max_model_len": 1}  # fmt: skip
-        for name, minimum in minimums.items():
-            value = getattr(self, name)
-            if value < minimum:
-                raise SchedulerConfigError(f"{name} must be >= {minimum}, got {value}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            # A recompute prefill covers up to max_model_len - 1 tokens and must fit one step.
-            raise SchedulerConfigError(
-                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) "
-                f"must be >= max_model_len ({self.max_model_len})"
-            )
-
-    @property
-    def max_pages_per_request(self) -> int:
-        """Page-table width P the runner needs: pages of one max_model_len sequence."""
-        return -(-self.max_model_len // self.page_size)
-
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    """One request's share of a step: compute positions [start_position, end_position)."""
-
-    request: Request
-    start_position: int  # = num_computed_tokens before the step
-    num_new_tokens: int  # 1 for a decode, the chunk length for a prefill
-    token_ids: tuple[int, ...]  # [num_new_tokens] tokens to feed, prompt or earlier outputs
-    page_ids: tuple[int, ...]  # page table covering positions [0, end_position)
-    samples_token: bool  # the step reaches the last known token, so the device samples one
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def end_position(self) -> int:
-        return self.start_position + self.num_new_tokens
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    # Batch order: decodes, then prefill continuations, then admissions.
-    scheduled: tuple[ScheduledRequest, ...]
-    preempted: tuple[str, ...]  # ids preempted this step (they hold no pages and are not scheduled)
-    num_batched_tokens: int  # sum of num_new_tokens, <= max_num_batched_tokens
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-class _Step:
-    """The batch being built by one schedule() call."""
-
-    def __init__(self, budget: int):
-        self.budget = budget  # tokens left
-        self.entries: dict[str, ScheduledRequest] = {}  # insertion order = batch order
-        self.preempted: list[str] = []
-
-    def add(self, request: Request, num_new_tokens: int) -> None:
-        start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
-        self.entries[request.request_id] = ScheduledRequest(
-            request=request,
-            start_position=start,
-            num_new_tokens=num_new_tokens,
-            token_ids=tuple(request.token_ids(start, end)),
-            page_ids=tuple(request.page_ids),  # a snapshot: the live table grows next steps
-            samples_token=end == request.num_tokens,
-        )
-        self.budget -= num_new_tokens
-
-    def drop(self, request: Request) -> None:
-        """Take a request preempted later in this step back out of the batch.
-
-        Under FCFS with one token per step only the newest running request can be mid-prefill, so
-        this happens only when a step appended several tokens (an older request then continues
-        in pass 2 and may preempt a newer decode scheduled in pass 1) or under other policies.
-        """
-        entry = self.entries.pop(request.request_id, None)
-        if entry is not None:
-            self.budget += entry.num_new_tokens
-
-    def build(self) -> SchedulerOutput:
-        scheduled = tuple(self.entries.values())
-        return SchedulerOutput(
-            scheduled=scheduled,
-            preempted=tuple(self.preempted),
-            num_batched_tokens=sum(e.num_new_tokens for e in scheduled),
-        )
+__all__ = ["PREEMPTION_MODES", "DuplicateRequestError", "RequestTooLongError", "ScheduledRequest",
+           "Scheduler", "SchedulerConfig", "SchedulerConfigError", "SchedulerError",
+           "SchedulerOutput", "Swap", "UnknownRequestError"]
 
 
 class Scheduler:
@@ -156,10 +56,14 @@ class Scheduler:
         self.page_manager = PageManager(
             config.num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching
         )
+        self.policy = make_policy(config.scheduling_policy)
+        self.host_pool = HostPool(config.num_host_pages)
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
-        self._waiting: deque[Request] = deque()  # FCFS; preempted requests are put at the front
-        self._running: list[Request] = []  # admission order: oldest first, preemption victims last
+        self._waiting: list[Request] = []  # waiting, preempted and swapped; sorted by rank
+        self._running: list[Request] = []  # by rank at each schedule(): victims from the end
         self._pending: SchedulerOutput | None = None  # last schedule() output, awaiting update()
+        self._num_added = 0  # arrival sequence numbers
+        self._swap_drop: list[str] = []  # host copies of aborted swapped requests, to drop
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -175,6 +79,11 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._running)
 
+    @property
+    def num_swapped(self) -> int:
+        """Requests whose KV is in host memory."""
+        return sum(r.status is RequestStatus.SWAPPED for r in self._waiting)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
@@ -188,7 +97,8 @@ class Scheduler:
 
     @property
     def waiting(self) -> tuple[Request, ...]:
-        return tuple(self._waiting)
+        """Waiting, preempted and swapped requests in the order they would be admitted."""
+        return tuple(sorted(self._waiting, key=self.policy.key))
 
     # ---- requests in and out ------------------------------------------------------------------
 
@@ -214,6 +124,9 @@ class Scheduler:
                 f"({request.max_tokens}) needs up to {pages} KV pages of {self.config.page_size} "
                 f"tokens, but the cache has only {self.page_manager.num_usable_pages} usable pages"
             )
+        self.policy.on_add(request, list(self._requests.values()))
+        request.arrival_seq = self._num_added
+        self._num_added += 1
         self._requests[rid] = request
         self._waiting.append(request)
 
@@ -238,7 +151,9 @@ class Scheduler:
         """Choose this step's batch; allocates the pages it writes. See the module docstring."""
         if self._pending is not None:
             raise SchedulerError("schedule() called twice without update() of the first output")
-        step = _Step(self.config.max_num_batched_tokens)
+        self.policy.on_step()
+        self._running.sort(key=self.policy.key)  # stable: fcfs keeps admission order
+        step = StepBuilder(self.config.max_num_batched_tokens)
         # Iterate over copies: preemption removes requests from _running as we go.
         for request in list(self._running):
             if request.status is RequestStatus.RUNNING and request.num_tokens_to_compute == 1:
@@ -248,7 +163,8 @@ class Scheduler:
                 self._schedule_running(request, step)
         if not step.preempted:
             self._admit_waiting(step)
-        self._pending = step.build()
+        self._pending = step.build(tuple(self._swap_drop))
+        self._swap_drop.clear()
         return self._pending
 
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
@@ -272,6 +188,7 @@ class Scheduler:
             self._register_computed_pages(request)
             if not entry.samples_token:
                 continue
+            self.policy.on_output(request, len(sampled[entry.request_id]))
             for token in sampled[entry.request_id]:
                 request.output_token_ids.append(int(token))
                 reason = request.check_stop()
@@ -283,29 +200,37 @@ class Scheduler:
 
     def recompute_all(self, output: SchedulerOutput) -> None:
         """Undo a step that never ran (`output`, the latest schedule()) after the KV cache was
-        lost: every running request is preempted to recompute, in its admission order ahead of
-        the waiting ones, and the prefix cache is emptied (its pages' contents are gone)."""
+        lost: every running request is preempted to recompute (ranked among the waiting ones by
+        the policy), and the prefix cache is emptied (its pages' contents are gone). Host copies
+        made before this step stay valid; those this step would have made or used are dropped."""
         if output is not self._pending:
             raise SchedulerError("recompute_all() takes the output of the latest schedule()")
         self._pending = None
-        for request in reversed(self._running):  # oldest ends up first in the queue
+        for swap in output.swap_out:  # never copied: recompute instead
+            request = self._requests.get(swap.request_id)
+            if request is not None and request.status is RequestStatus.SWAPPED:
+                self._free_host(request)
+                request.num_computed_tokens = 0
+                request.status = RequestStatus.PREEMPTED
+        self._swap_drop.extend(s.request_id for s in output.swap_in)  # maybe never read
+        for request in self._running:
             self._free_pages(request)
             request.num_computed_tokens = 0
             request.status = RequestStatus.PREEMPTED
             request.num_preemptions += 1
-            self._waiting.appendleft(request)
+            self._waiting.append(request)
         self._running.clear()
         self.page_manager.forget_cached()
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _schedule_running(self, request: Request, step: _Step) -> None:
-        """Schedule the next tokens of a running request, preempting newer ones for pages."""
+    def _schedule_running(self, request: Request, step: StepBuilder) -> None:
+        """Schedule the next tokens of a running request, preempting worse-ranked ones for pages."""
         num_new = min(request.num_tokens_to_compute, step.budget)
         if num_new == 0:
             return  # budget spent; it keeps its pages and runs next step
         if not self._make_room(request, request.num_computed_tokens + num_new, step):
-            # Nothing newer left to preempt. A prefill may still take a shorter chunk that fits
+            # Nothing worse left to preempt. A prefill may still take a shorter chunk that fits
             # its last page's free slots plus the free pages; a decode cannot shrink.
             size = self.config.page_size
             fit = (len(request.page_ids) + self.num_free_pages) * size
@@ -318,11 +243,11 @@ class Scheduler:
         request.page_ids.extend(self.page_manager.allocate(missing))
         step.add(request, num_new)
 
-    def _make_room(self, request: Request, num_tokens: int, step: _Step) -> bool:
-        """Preempt the newest running requests until `request` can hold `num_tokens` tokens.
+    def _make_room(self, request: Request, num_tokens: int, step: StepBuilder) -> bool:
+        """Preempt the worst-ranked running requests until `request` can hold `num_tokens` tokens.
 
-        False when only `request` itself is left to preempt. Victims are always newer than
-        `request`, so older requests keep their progress (the no-livelock argument).
+        False when only `request` itself is left to preempt. Victims always rank after
+        `request`, so better-ranked requests keep their progress (the no-livelock argument).
         """
         missing = self.page_manager.pages_needed(num_tokens) - len(request.page_ids)
         while missing > self.num_free_pages:
@@ -332,33 +257,73 @@ class Scheduler:
             self._preempt(victim, step)
         return True
 
-    def _admit_waiting(self, step: _Step) -> None:
-        """Admit waiting requests in FCFS order while budget, request cap and pages allow."""
-        size = self.config.page_size
-        pm = self.page_manager
-        while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
+    def _admit_waiting(self, step: StepBuilder) -> None:
+        """Admit waiting requests in rank order while budget, request cap and pages allow."""
+        self._waiting.sort(key=self.policy.key)
+        while self._waiting and step.budget > 0:
             request = self._waiting[0]
-            hits: list[int] = []
+            if request.request_id in step.preempted:
+                break  # preempted by this very step: not back before the next one
+            plan = self._admission(request, step.budget)
+            if plan is None:
+                break  # the head waits for a step with room for its whole prompt (no chunking)
+            hits, num_cached, num_new, missing = plan
+            pm = self.page_manager
+            # Hits that sit in the cached-free LRU leave the free pool when shared.
+            short = missing + sum(pm.ref_count(p) == 0 for p in hits) > pm.num_free_pages
+            if short or len(self._running) >= self.config.max_num_seqs:
+                if self._preempt_for(request, step):
+                    continue
+                break  # admission preempts only where the policy ranks the head first
+            self._waiting.pop(0)
+            pm.share(hits)  # before allocate(), which could otherwise evict the hit pages
+            new_pages = pm.allocate(missing)
+            if request.status is RequestStatus.SWAPPED:  # its KV comes back from host memory
+                n = len(request.host_page_ids)
+                step.swap_in.append(Swap(request.request_id, tuple(new_pages[:n]),
+                                         tuple(request.host_page_ids)))
+                self._free_host(request)
+            else:
+                request.num_computed_tokens = request.num_cached_tokens = num_cached
+                self.policy.on_admit(request)
+            request.page_ids = hits + new_pages
+            request.num_registered_pages = len(hits)
+            request.status = RequestStatus.RUNNING
+            self._running.append(request)
+            step.admitted.add(request.request_id)
+            step.add(request, num_new)
+
+    def _admission(self, request: Request, budget: int) -> tuple[list[int], int, int, int] | None:
+        """(prefix-cache hit pages, cached tokens, tokens to compute, pages to allocate) of
+        admitting `request` now, or None when it needs a whole prompt the budget cannot hold."""
+        size, pm = self.config.page_size, self.page_manager
+        if request.status is RequestStatus.SWAPPED:
+            hits, num_cached = [], request.num_computed_tokens
+            num_to_compute = request.num_tokens_to_compute
+        else:
+            hits = []
             if self.config.enable_prefix_caching and request.use_prefix_cache:
                 # Full pages only, and at least one token left to compute so the step samples.
                 num_full = (request.num_tokens - 1) // size
                 hits = pm.find_cached_prefix(request.page_hashes(size, num_full))
             num_cached = len(hits) * size
-            num_new = min(request.num_tokens - num_cached, step.budget)
-            if num_new < request.num_tokens - num_cached and not self.config.enable_chunked_prefill:
-                break  # FCFS: the head waits for a step with room for its whole prompt
-            missing = pm.pages_needed(num_cached + num_new) - len(hits)
-            # Hits that sit in the cached-free LRU leave the free pool when shared.
-            if missing + sum(pm.ref_count(p) == 0 for p in hits) > pm.num_free_pages:
-                break  # admission never preempts: running requests come first
-            self._waiting.popleft()
-            pm.share(hits)  # before allocate(), which could otherwise evict the hit pages
-            request.page_ids = hits + pm.allocate(missing)
-            request.num_computed_tokens = request.num_cached_tokens = num_cached
-            request.num_registered_pages = len(hits)
-            request.status = RequestStatus.RUNNING
-            self._running.append(request)
-            step.add(request, num_new)
+            num_to_compute = request.num_tokens - num_cached
+        num_new = min(num_to_compute, budget)
+        if num_new < num_to_compute and not self.config.enable_chunked_prefill:
+            return None
+        return hits, num_cached, num_new, pm.pages_needed(num_cached + num_new) - len(hits)
+
+    def _preempt_for(self, request: Request, step: StepBuilder) -> bool:
+        """Preempt the worst running request for waiting `request` if the policy ranks it first."""
+        candidates = [r for r in self._running if r.request_id not in step.admitted]
+        if not candidates:
+            return False
+        victim = max(candidates, key=self.policy.key)
+        if self.policy.key(victim) <= self.policy.key(request) or \
+                not self.policy.preempts_for(request, victim):
+            return False
+        self._preempt(victim, step)
+        return True
 
     def _register_computed_pages(self, request: Request) -> None:
         """Offer the request's newly completed full pages (prompt or output) to the prefix cache."""
@@ -372,23 +337,44 @@ class Scheduler:
             self.page_manager.register(request.page_ids[i], hashes[i])
         request.num_registered_pages = num_full
 
-    def _preempt(self, request: Request, step: _Step) -> None:
-        """Recompute preemption: free every page, keep the tokens, queue at the front."""
+    def _preempt(self, request: Request, step: StepBuilder) -> None:
+        """Free every device page; by swap (KV copied to host first) or recompute (tokens kept)."""
         self._running.remove(request)
-        self._free_pages(request)
-        request.num_computed_tokens = 0
-        request.status = RequestStatus.PREEMPTED
-        request.num_preemptions += 1
-        self._waiting.appendleft(request)
         step.drop(request)
         step.preempted.append(request.request_id)
+        request.num_preemptions += 1
+        self._waiting.append(request)
+        computed = request.page_ids[:self.page_manager.pages_needed(request.num_computed_tokens)]
+        if computed and self._swaps(request, len(computed)):
+            request.host_page_ids = self.host_pool.allocate(len(computed))
+            step.swap_out.append(Swap(request.request_id, tuple(computed),
+                                      tuple(request.host_page_ids)))
+            request.status = RequestStatus.SWAPPED
+        else:
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+        self._free_pages(request)  # after the copy is listed: the runner reads them first
+
+    def _swaps(self, request: Request, num_pages: int) -> bool:
+        """Swap rather than recompute this victim? Never when the host pool is full."""
+        mode = self.config.preemption_mode
+        if mode == "recompute" or num_pages > self.host_pool.num_free_pages:
+            return False
+        if mode == "swap":
+            return True
+        c = self.config  # auto: the cheaper of copying its pages back and recomputing its tokens
+        return num_pages * c.swap_seconds_per_page <= \
+            request.num_computed_tokens * c.recompute_seconds_per_token
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.status is RequestStatus.RUNNING:
             self._running.remove(request)
             self._free_pages(request)
         else:
-            self._waiting.remove(request)  # waiting or preempted: holds no pages
+            self._waiting.remove(request)  # waiting, preempted or swapped: holds no device pages
+            if request.status is RequestStatus.SWAPPED:
+                self._free_host(request)
+                self._swap_drop.append(request.request_id)
         del self._requests[request.request_id]
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
@@ -397,3 +383,7 @@ class Scheduler:
         self.page_manager.free(request.page_ids)
         request.page_ids = []
         request.num_registered_pages = 0
+
+    def _free_host(self, request: Request) -> None:
+        self.host_pool.free(request.host_page_ids)
+        request.host_page_ids = []

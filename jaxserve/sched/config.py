@@ -1,0 +1,73 @@
+"""SchedulerConfig and the scheduler's errors. Host only."""
+
+from dataclasses import dataclass
+
+from jaxserve.errors import JaxserveError
+from jaxserve.sched.policies import POLICIES
+
+PREEMPTION_MODES = ("recompute", "swap", "auto")
+
+
+class SchedulerConfigError(JaxserveError, ValueError):
+    """A SchedulerConfig field is out of range or inconsistent with another."""
+
+
+class RequestTooLongError(JaxserveError, ValueError):
+    """The request can never run: longer than max_model_len, or more pages than the whole cache."""
+
+
+class DuplicateRequestError(JaxserveError, ValueError):
+    """A request with this id is already waiting or running."""
+
+
+class UnknownRequestError(JaxserveError, LookupError):
+    """No unfinished request has this id."""
+
+
+class SchedulerError(JaxserveError, RuntimeError):
+    """The scheduler was driven out of protocol (update without schedule, missing tokens)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_pages: int  # KV cache pages, page 0 (reserved for padding) included
+    page_size: int = 16  # token slots per page (S)
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # tokens computed per step, decode and prefill together
+    max_model_len: int = 2048  # prompt + max_tokens of any request
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority" | "fair" (policies.py)
+    preemption_mode: str = "recompute"  # "recompute" | "swap" | "auto"
+    num_host_pages: int = 0  # host pool for swapped KV (pages); 0: every preemption recomputes
+    # "auto" swaps a victim when pages * swap_seconds_per_page < tokens * recompute_seconds_per_token
+    # (both measured by the runner); recompute otherwise.
+    swap_seconds_per_page: float = 0.0
+    recompute_seconds_per_token: float = 0.0
+
+    def __post_init__(self):
+        minimums = {"num_pages": 2, "page_size": 1, "max_num_seqs": 1,
+                    "max_num_batched_tokens": 1, "max_model_len": 1}  # fmt: skip
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value < minimum:
+                raise SchedulerConfigError(f"{name} must be >= {minimum}, got {value}")
+        if self.scheduling_policy not in POLICIES:
+            raise SchedulerConfigError(f"scheduling_policy must be one of {sorted(POLICIES)}, "
+                                       f"got {self.scheduling_policy!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise SchedulerConfigError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
+                                       f"got {self.preemption_mode!r}")
+        if self.num_host_pages < 0:
+            raise SchedulerConfigError(f"num_host_pages must be >= 0, got {self.num_host_pages}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            # A recompute prefill covers up to max_model_len - 1 tokens and must fit one step.
+            raise SchedulerConfigError(
+                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({self.max_model_len})"
+            )
+
+    @property
+    def max_pages_per_request(self) -> int:
+        """Page-table width P the runner needs: pages of one max_model_len sequence."""
+        return -(-self.max_model_len // self.page_size)

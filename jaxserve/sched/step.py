@@ -1,0 +1,96 @@
+"""What one schedule() call decides: the batch entries, preemptions and KV swaps. Host only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxserve.sched.request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: compute positions [start_position, end_position)."""
+
+    request: Request
+    start_position: int  # = num_computed_tokens before the step
+    num_new_tokens: int  # 1 for a decode, the chunk length for a prefill
+    token_ids: tuple[int, ...]  # [num_new_tokens] tokens to feed, prompt or earlier outputs
+    page_ids: tuple[int, ...]  # page table covering positions [0, end_position)
+    samples_token: bool  # the step reaches the last known token, so the device samples one
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def end_position(self) -> int:
+        return self.start_position + self.num_new_tokens
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One request's KV moving between device pages and host memory, in page-table order."""
+
+    request_id: str
+    device_page_ids: tuple[int, ...]  # out: the pages to copy (freed after the copy is issued);
+    #                                   in: the freshly allocated pages to fill
+    host_page_ids: tuple[int, ...]  # host pool ids (sched/host_pool.py), same length
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    # Batch order: decodes, then prefill continuations, then admissions.
+    scheduled: tuple[ScheduledRequest, ...]
+    preempted: tuple[str, ...]  # ids preempted this step (they hold no pages and are not scheduled)
+    num_batched_tokens: int  # sum of num_new_tokens, <= max_num_batched_tokens
+    # Device work before the batch runs, in this order: copies out (they read the cache before
+    # any page is reused), host copies no longer needed (aborted while swapped), copies in.
+    swap_out: tuple[Swap, ...] = ()
+    swap_drop: tuple[str, ...] = ()  # request ids whose host copy is dropped unread
+    swap_in: tuple[Swap, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.scheduled or self.swap_out or self.swap_drop or self.swap_in)
+
+
+class StepBuilder:
+    """The batch being built by one schedule() call."""
+
+    def __init__(self, budget: int):
+        self.budget = budget  # tokens left
+        self.entries: dict[str, ScheduledRequest] = {}  # insertion order = batch order
+        self.preempted: list[str] = []
+        self.admitted: set[str] = set()  # ids admitted by this step (never its victims)
+        self.swap_out: list[Swap] = []
+        self.swap_in: list[Swap] = []
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
+        self.entries[request.request_id] = ScheduledRequest(
+            request=request,
+            start_position=start,
+            num_new_tokens=num_new_tokens,
+            token_ids=tuple(request.token_ids(start, end)),
+            page_ids=tuple(request.page_ids),  # a snapshot: the live table grows next steps
+            samples_token=end == request.num_tokens,
+        )
+        self.budget -= num_new_tokens
+
+    def drop(self, request: Request) -> None:
+        """Take a request preempted later in this step back out of the batch (an older request
+        needing its pages in pass 2, a policy that ranks a running one above another)."""
+        entry = self.entries.pop(request.request_id, None)
+        if entry is not None:
+            self.budget += entry.num_new_tokens
+
+    def build(self, swap_drop: tuple[str, ...]) -> SchedulerOutput:
+        scheduled = tuple(self.entries.values())
+        return SchedulerOutput(
+            scheduled=scheduled,
+            preempted=tuple(self.preempted),
+            num_batched_tokens=sum(e.num_new_tokens for e in scheduled),
+            swap_out=tuple(self.swap_out),
+            swap_drop=swap_drop,
+            swap_in=tuple(self.swap_in),
+        )
