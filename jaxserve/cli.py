@@ -33,6 +33,11 @@ def _engine_args(p: argparse.ArgumentParser):
                    help="host:port of process 0, to serve from several processes (jax.distributed)")
     g.add_argument("--num-processes", type=int, default=1)
     g.add_argument("--process-id", type=int, default=0)
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "fair"],
+                   help="priority: lower `priority` first; fair: VTC per client (OpenAI `user`)")
+    g.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap", "auto"])
+    g.add_argument("--swap-space", type=int, default=1 << 30,
+                   help="bytes of host memory for swapped-out KV")
     sp = p.add_argument_group("sparse decode attention (off unless --sparse-budget is given)")
     sp.add_argument("--sparse-budget", default=None, help="keys each decode reads: a fraction "
                     "of its context (0.125 or 1/8) or a number of tokens (1024)")
@@ -96,7 +101,9 @@ def _llm(a):
                max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_memory=a.kv_cache_memory,
                decode_buckets=(1, 2, 4, 8, 16, 32, 64), tensor_parallel_size=a.tensor_parallel_size,
                coordinator_address=a.coordinator_address, num_processes=a.num_processes,
-               process_id=a.process_id, sparse_attention=_sparse_config(a))
+               process_id=a.process_id, sparse_attention=_sparse_config(a),
+               scheduling_policy=a.scheduling_policy, preemption_mode=a.preemption_mode,
+               swap_space=a.swap_space)
 
 
 def cmd_generate(a) -> int:

@@ -209,6 +209,9 @@ class EngineConfig:
     record_steps: bool = False  # keep a StepRecord per step in Engine.step_records (records.py)
     # Sparse decode attention (kernels/sparse.py); None: every decode reads all its pages.
     sparse_attention: SparseAttentionConfig | None = None
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority" (lower first) | "fair" (VTC per client)
+    preemption_mode: str = "recompute"  # "recompute" | "swap" (KV to host memory) | "auto"
+    swap_space: int = 1 << 30  # bytes of host memory for swapped-out KV (swap / auto only)
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -229,6 +232,19 @@ class EngineConfig:
         if self.num_kv_pages is not None and self.num_kv_pages < 2:
             raise ConfigError("num_kv_pages", f"must be >= 2 (page 0 is reserved), got "
                                               f"{self.num_kv_pages}")
+        if self.scheduling_policy not in ("fcfs", "priority", "fair"):
+            raise ConfigError("scheduling_policy", f"must be 'fcfs', 'priority' or 'fair', got "
+                                                   f"{self.scheduling_policy!r}")
+        if self.preemption_mode not in ("recompute", "swap", "auto"):
+            raise ConfigError("preemption_mode", f"must be 'recompute', 'swap' or 'auto', got "
+                                                 f"{self.preemption_mode!r}")
+        if isinstance(self.swap_space, bool) or not isinstance(self.swap_space, int) \
+                or self.swap_space < 0:
+            raise ConfigError("swap_space", f"must be an integer >= 0 (bytes), got "
+                                            f"{self.swap_space!r}")
+        if self.preemption_mode != "recompute" and self.num_processes > 1:
+            raise ConfigError("preemption_mode", "swap and auto run on one process only; use "
+                                                 "'recompute' with num_processes > 1")
         if not self.decode_buckets or any(b < 1 for b in self.decode_buckets):
             raise ConfigError("decode_buckets", f"must be integers >= 1, got {self.decode_buckets}")
 

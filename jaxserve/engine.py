@@ -30,6 +30,7 @@ from jaxserve.parallel import (ShardingError, check_mesh, make_mesh, sharded_mod
                                tensor_size)
 from jaxserve.records import StepRecord, StepRecords
 from jaxserve.runner import ModelRunner, StepResult, pages_for_bytes
+from jaxserve.runner.buckets import kv_bytes_per_page
 from jaxserve.sampling import SamplingParams
 from jaxserve.sched import FinishReason, Request, Scheduler, SchedulerConfig
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -163,10 +164,16 @@ class Engine:
         num_pages = config.num_kv_pages or pages_for_bytes(
             sharded_model_config(model_config, tensor_size(mesh)), config.page_size,
             config.dtype, config.kv_cache_memory, summaries=config.sparse_attention is not None)
+        num_host_pages = 0 if config.preemption_mode == "recompute" else config.swap_space // (
+            kv_bytes_per_page(sharded_model_config(model_config, tensor_size(mesh)),
+                              config.page_size, config.dtype,
+                              summaries=config.sparse_attention is not None))
         self.scheduler = Scheduler(SchedulerConfig(
             num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching))
+            enable_prefix_caching=config.enable_prefix_caching,
+            scheduling_policy=config.scheduling_policy, preemption_mode=config.preemption_mode,
+            num_host_pages=num_host_pages))
         self.runner = ModelRunner(model, dataclasses.replace(
             config, max_model_len=self.max_model_len), num_pages, mesh=mesh)
         multihost.attach(self.runner)  # several processes: process 0 broadcasts each step
@@ -183,13 +190,21 @@ class Engine:
         self.step_records: StepRecords | None = StepRecords() if config.record_steps else None
         t0 = time.perf_counter()
         self.runner.warmup(progress=progress)
+        if config.preemption_mode == "auto":  # swap or recompute by measured costs
+            per_page, per_token = self.runner.measure_preemption_costs()
+            self.scheduler.config = dataclasses.replace(
+                self.scheduler.config, swap_seconds_per_page=per_page,
+                recompute_seconds_per_token=per_token)
         self.warmup_seconds = time.perf_counter() - t0
 
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],
-                    params: SamplingParams | None = None, *, arrival_time: float | None = None):
-        """Queue a request. Raises a ValueError subclass, leaving nothing behind, if it can never run."""
+                    params: SamplingParams | None = None, *, arrival_time: float | None = None,
+                    priority: int = 0, client_id: str | None = None):
+        """Queue a request. Raises a ValueError subclass, leaving nothing behind, if it can never run.
+        priority: lower runs first under scheduling_policy="priority"; client_id: whose service
+        the "fair" policy accounts (the server passes OpenAI's `user`)."""
         params = params or SamplingParams()
         if self.dead is not None:
             raise EngineDeadError(str(self.dead))
@@ -231,7 +246,8 @@ class Engine:
                     stop_token_ids=frozenset(params.stop_token_ids or ()),
                     min_tokens=params.min_tokens, ignore_eos=params.ignore_eos, sampling_params=p,
                     # prompt log-probs need every prompt position computed (by the first sequence)
-                    use_prefix_cache=params.prompt_logprobs is None))
+                    use_prefix_cache=params.prompt_logprobs is None, priority=priority,
+                    client_id=client_id))
                 added.append(seq_id)
                 if k > 0:  # only the first sequence reports prompt log-probs
                     p = dataclasses.replace(p, prompt_logprobs=None)
@@ -273,6 +289,9 @@ class Engine:
         for seq in group.seqs:
             self.scheduler.abort(seq.seq_id)
             self._forget(seq.seq_id)
+        swapper = self.runner.swapper
+        if swapper is not None and swapper.host and not self.scheduler.has_unfinished_requests():
+            self.step()  # nobody may step again soon: drop a swapped request's host copy now
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -321,11 +340,12 @@ class Engine:
             decode_tokens=len(decode), prefill_tokens=scheduled.num_batched_tokens - len(decode),
             prefill_stage=None,
             num_running=sched.num_running, num_waiting=sched.num_waiting,
-            num_swapped=0,
+            num_swapped=sched.num_swapped,
             pages_device=sched.page_manager.num_used_pages,
-            pages_host=0,
+            pages_host=sched.host_pool.num_used_pages,
             preempted=tuple(scheduled.preempted),
-            swapped_out=0, swapped_in=0)
+            swapped_out=sum(len(s.device_page_ids) for s in scheduled.swap_out),
+            swapped_in=sum(len(s.device_page_ids) for s in scheduled.swap_in))
 
     def step_forced(self, next_tokens: dict[str, int]) -> dict[str, float]:
         """One step whose "sampled" tokens are given (teacher forcing, jaxserve.eval): each

@@ -63,10 +63,12 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 ) -> list[RequestOutput]:
         """Complete each prompt (text, token ids, or {"prompt" | "prompt_token_ids": ...}); the
-        outputs come back in prompt order."""
-        return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm)
+        outputs come back in prompt order. priority: one per prompt, lower runs first (with
+        scheduling_policy="priority", as in vLLM)."""
+        return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm, priority)
 
     def chat(self, messages: Messages | Sequence[Messages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -109,16 +111,17 @@ class LLM:
         return self.engine.tokenizer.encode_chat(conversation, add_generation_prompt=add_generation_prompt,
                                                  **(kwargs or {}))
 
-    def _add(self, prompt, params: SamplingParams) -> str:
+    def _add(self, prompt, params: SamplingParams, priority: int = 0) -> str:
         if not self.engine.has_unfinished_requests():  # between calls: pick up weight edits
             self.engine.runner.sync_weights()
         rid = str(next(self._ids))
         if isinstance(prompt, dict):
             prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
-        self.engine.add_request(rid, prompt, params)
+        self.engine.add_request(rid, prompt, params, priority=priority)
         return rid
 
-    def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list, sampling_params, use_tqdm: bool,
+             priority: Sequence[int] | None = None) -> list[RequestOutput]:
         from tqdm.auto import tqdm
 
         if isinstance(sampling_params, Sequence):
@@ -127,10 +130,12 @@ class LLM:
             params = list(sampling_params)
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         ids = []
         try:
-            for p, sp in zip(prompts, params):
-                ids.append(self._add(p, sp))
+            for p, sp, prio in zip(prompts, params, priority or [0] * len(prompts)):
+                ids.append(self._add(p, sp, prio))
         except Exception:
             for rid in ids:  # all or nothing: a bad prompt leaves no request behind
                 self.engine.abort(rid)

@@ -59,6 +59,7 @@ from jaxserve.models import llama
 from jaxserve.runner.batch import NUM_TOP_LOGPROBS, BatchBuilder, StepInputs, StepResult
 from jaxserve.runner.buckets import Bucket, Buckets, group_size, pages_for_bytes
 from jaxserve.runner.programs import Split, sample_program, write_program
+from jaxserve.runner.swap import KVSwapper
 from jaxserve.sampling import SamplerOutput, SamplingParams, SamplingTensors, token_logprobs
 from jaxserve.sched import SchedulerOutput
 
@@ -128,6 +129,10 @@ class ModelRunner:
                                out_shardings=rep,
                                static_argnames=("all_greedy", "needs_penalties", "num_logprobs"))
         self.broadcast = None  # set by multihost.py on process 0 of several: sends StepInputs
+        # KV of swapped-out requests in host memory (swap.py); None when preemption recomputes
+        self.swapper = None if engine.preemption_mode == "recompute" else \
+            KVSwapper(kv_sharding, self.max_pages_per_request,
+                      None if self.summaries is None else summary_sharding)
         self._compiled: dict[tuple, object] = {}
         self.compile_seconds = 0.0
 
@@ -227,7 +232,22 @@ class ModelRunner:
                 sampled.add(li.shape[0])
                 for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
                     self._run_sampler(logits, self._put(t), self._put(ban), num_logprobs)
+        if self.swapper is not None:
+            self.kv, self.summaries = self.swapper.warmup(self.kv, self.summaries, self._program)
         jax.block_until_ready(self.kv)
+
+    def measure_preemption_costs(self) -> tuple[float, float]:
+        """(seconds per page swapped out and back, seconds per token of the largest prefill
+        bucket): what preemption_mode="auto" weighs. Runs after warmup (nothing compiles)."""
+        self.kv, self.summaries, per_page = self.swapper.measure_seconds_per_page(
+            self.kv, self.summaries, self._program)
+        b = self.all_buckets()[-1]
+        ids, md, li = self._dummy_batch(b)
+        t0 = time.perf_counter()
+        logits, new_kv, _ = self._forward(b, ids, md, li)
+        self._write_kv(b, new_kv, md.slot_mapping)
+        jax.block_until_ready((logits, self.kv))
+        return per_page, (time.perf_counter() - t0) / b.num_tokens
 
     def _inputs(self, tree):
         """A step's host arrays as the programs take them. On one process, the numpy arrays
@@ -275,10 +295,15 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, params_of: dict[str, SamplingParams]) -> StepResult:
         """Run one scheduled step; sample for the entries whose step completes a prefill or decodes."""
         sched = out.scheduled
+        self._swap(out)
+        if not sched:
+            return StepResult([], np.zeros(0, np.int32), np.zeros(0, np.float32), None, None, None)
         inputs, prompt_rows, failed = self.prepare(out, params_of)
         if self.broadcast is not None:
             self.broadcast(inputs)
         res, prompt_out = jax.device_get(self.run(inputs))
+        if self.swapper is not None:
+            self.swapper.settle()
         keep = np.array([i for i, s in enumerate(sched) if s.samples_token
                          and s.request_id not in failed], np.int64)
         pick = lambda x: None if x is None else np.asarray(x)[keep]
@@ -292,6 +317,13 @@ class ModelRunner:
                 ) -> tuple[StepInputs, dict, dict[str, str]]:
         return self.batch.prepare(out, params_of)
 
+    def _swap(self, out: SchedulerOutput) -> None:
+        """The step's KV copies to and from host memory, before its batch: a page a copy out
+        reads may be reused by this very step (swap.py)."""
+        if out.swap_out or out.swap_drop or out.swap_in:
+            self.kv, self.summaries = self.swapper.apply(self.kv, self.summaries, out,
+                                                         self._program)
+
     def execute_forced(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
                        next_tokens: dict[str, int]) -> tuple[StepResult, dict[str, float]]:
         """A step whose sampled tokens are given (teacher forcing, jaxserve.eval): forward and
@@ -301,6 +333,7 @@ class ModelRunner:
         import optax
 
         sched = out.scheduled
+        self._swap(out)
         inputs, _, failed = self.prepare(out, params_of)
         if failed:
             raise ValueError(f"the step's inputs could not be built: {failed}")

@@ -96,12 +96,17 @@ def group_size(num_layers: int, target: int) -> int:
                key=lambda d: (abs(d - target), -d))
 
 
-def pages_for_bytes(config: ModelConfig, page_size: int, dtype, num_bytes: int, *,
-                    summaries: bool = False) -> int:
-    """How many KV pages fit in `num_bytes` (K and V of every layer, and the float32 key
-    summaries of sparse attention when kept: 1/S of the keys' size in float32)."""
+def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype, *, summaries: bool = False) -> int:
+    """Bytes of one KV page: K and V of every layer, and the float32 key summaries of sparse
+    attention when kept (1/S of the keys' size in float32)."""
     per_page = 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * \
         jnp.dtype(dtype).itemsize
     if summaries:
         per_page += 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
-    return max(2, num_bytes // per_page)
+    return per_page
+
+
+def pages_for_bytes(config: ModelConfig, page_size: int, dtype, num_bytes: int, *,
+                    summaries: bool = False) -> int:
+    """How many KV pages fit in `num_bytes` (see kv_bytes_per_page)."""
+    return max(2, num_bytes // kv_bytes_per_page(config, page_size, dtype, summaries=summaries))

@@ -64,6 +64,7 @@ class Scheduler:
         self._pending: SchedulerOutput | None = None  # last schedule() output, awaiting update()
         self._num_added = 0  # arrival sequence numbers
         self._swap_drop: list[str] = []  # host copies of aborted swapped requests, to drop
+        self.num_preemptions = {"recompute": 0, "swap": 0}  # since start, by how
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -353,6 +354,7 @@ class Scheduler:
         else:
             request.num_computed_tokens = 0
             request.status = RequestStatus.PREEMPTED
+        self.num_preemptions["swap" if request.host_page_ids else "recompute"] += 1
         self._free_pages(request)  # after the copy is listed: the runner reads them first
 
     def _swaps(self, request: Request, num_pages: int) -> bool:

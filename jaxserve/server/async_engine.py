@@ -176,7 +176,8 @@ class AsyncEngine:
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def submit(self, prompts: Sequence[tuple[list[int], SamplingParams]]) -> Stream:
+    async def submit(self, prompts: Sequence[tuple[list[int], SamplingParams]], *,
+                     priority: int = 0, client_id: str | None = None) -> Stream:
         """Admit prompts (token ids, params) as one unit; their outputs come from the returned
         Stream, which aborts what has not finished when closed. Raises EngineUnavailableError
         (server busy, shutting down, loop dead) or the engine's ValueError (a prompt that can
@@ -194,7 +195,9 @@ class AsyncEngine:
         stream = Stream(ids)
         admitted = concurrent.futures.Future()
         self._count_pending(num_seqs)
-        self._post(("add", ids, list(prompts), time.time(), loop, stream, admitted))
+        # admitted stays last: _fail_inbox answers it
+        self._post(("add", ids, list(prompts), time.time(), loop, stream, priority, client_id,
+                    admitted))
         if self.error is not None:  # the loop died after the check above: nobody will admit it
             self._fail_inbox()
         try:
@@ -284,11 +287,12 @@ class AsyncEngine:
             self.metrics.count_abort(unfinished)
         return t
 
-    def _add(self, ids, prompts, arrival, loop, stream, admitted):
+    def _add(self, ids, prompts, arrival, loop, stream, priority, client_id, admitted):
         added = []
         try:
             for rid, (prompt_ids, params) in zip(ids, prompts):
-                self.engine.add_request(rid, prompt_ids, params, arrival_time=arrival)
+                self.engine.add_request(rid, prompt_ids, params, arrival_time=arrival,
+                                        priority=priority, client_id=client_id)
                 added.append(rid)
                 self._tracked[rid] = _Tracked(loop, stream, len(prompt_ids), params.n)
         except Exception as e:  # noqa: BLE001 - handed to the submitter

@@ -7,9 +7,14 @@ engine thread as outputs come out of each step (`observe_step`).
 
 from __future__ import annotations
 
-from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
-                               generate_latest)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Bucket edges in seconds, spanning a fast accelerator (ms) to this 2-core CPU (s).
 _TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -90,3 +95,34 @@ class _EngineGauges:
             g = GaugeMetricFamily(metric, doc, labels=["model_name"])
             g.add_metric([name], value)
             yield g
+        yield from _scheduling_metrics(engine.engine, name)
+
+
+def _scheduling_metrics(engine, name: str):
+    """Preemptions by mode and swaps by direction, read from the scheduler and the runner's
+    swapper at scrape time (plain reads of numbers the engine thread only increments)."""
+    sched = engine.scheduler
+    for metric, doc, value in (
+            ("jaxserve:num_requests_swapped", "Sequences whose KV is in host memory.",
+             sched.num_swapped),
+            ("jaxserve:host_kv_pages", "KV pages held in host memory.",
+             sched.host_pool.num_used_pages)):
+        g = GaugeMetricFamily(metric, doc, labels=["model_name"])
+        g.add_metric([name], value)
+        yield g
+    c = CounterMetricFamily("jaxserve:preemptions_by_mode", "Sequences preempted, by mode.",
+                            labels=["model_name", "mode"])
+    for mode, n in sched.num_preemptions.items():
+        c.add_metric([name, mode], n)
+    yield c
+    swapper = engine.runner.swapper
+    stats = swapper.stats if swapper is not None else {}
+    for what, doc in (("pages", "KV pages copied between device and host memory."),
+                      ("bytes", "Bytes copied between device and host memory (as copied)."),
+                      ("copies", "Copies between device and host memory (one per swap)."),
+                      ("seconds", ("Seconds from dispatch to completion of swap copies, found "
+                                   "complete at the end of a step (an upper bound)."))):
+        c = CounterMetricFamily(f"jaxserve:swap_{what}", doc, labels=["model_name", "direction"])
+        for way, direction in (("out", "device_to_host"), ("in", "host_to_device")):
+            c.add_metric([name, direction], stats.get(f"{way}_{what}", 0))
+        yield c

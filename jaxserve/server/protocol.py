@@ -107,8 +107,9 @@ class _SamplingBody(_Body):
     frequency_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # the client whose service scheduling_policy="fair" accounts
     logit_bias: dict[str, float] | None = None
+    priority: int = 0  # vLLM's: lower runs first under scheduling_policy="priority"
     # vLLM's extra sampling fields
     top_k: int | None = None
     min_p: float | None = None

@@ -112,7 +112,7 @@ class OpenAIServing:
 
     async def _respond(self, body, http: Request, prompts, fmt):
         try:
-            stream = await self.engine.submit(prompts)
+            stream = await self.engine.submit(prompts, priority=body.priority, client_id=body.user)
         except InvalidSamplingError as e:  # stop_token_ids outside the vocabulary
             raise RequestError(str(e), param="stop_token_ids") from None
         except ValueError as e:  # the engine refused a prompt (too long, out of vocabulary)
