@@ -334,6 +334,9 @@ class ModelRunner:
 
         sched = out.scheduled
         self._swap(out)
+        if not sched:
+            return StepResult([], np.zeros(0, np.int32), np.zeros(0, np.float32), None, None,
+                              None), {}
         inputs, _, failed = self.prepare(out, params_of)
         if failed:
             raise ValueError(f"the step's inputs could not be built: {failed}")
