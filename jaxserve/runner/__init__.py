@@ -128,6 +128,7 @@ class ModelRunner:
         self._sample = jax.jit(functools.partial(sample_program, mesh=mesh if vocab_split else None),
                                out_shardings=rep,
                                static_argnames=("all_greedy", "needs_penalties", "num_logprobs"))
+        self._deferred: dict[tuple, jax.stages.Lowered] | None = None  # see _program
         self.broadcast = None  # set by multihost.py on process 0 of several: sends StepInputs
         # KV of swapped-out requests in host memory (swap.py); None when preemption recomputes
         self.swapper = None if engine.preemption_mode == "recompute" else \
@@ -184,18 +185,30 @@ class ModelRunner:
         return self.buckets.all()
 
     def _program(self, key: tuple, jitted, *args, **static):
-        """The compiled executable for `key`, compiling (and counting) it the first time."""
+        """The compiled executable for `key`, compiling (and counting) it the first time.
+
+        During warmup (`self._deferred` set) a new program is only lowered, and what is
+        returned computes nothing: it gives the program's abstract outputs, so that warmup
+        walks every step shape without running one and compiles the lowered programs at once."""
         exe = self._compiled.get(key)
+        if self._deferred is not None:
+            lowered = self._deferred.get(key)
+            if exe is None and lowered is None:
+                lowered = self._deferred[key] = jitted.lower(*self._spec(args), **static)
+            info = (exe or lowered).out_info
+            return lambda *_: info
         if exe is None:
             t0 = time.perf_counter()
-            # host arrays (see _inputs) compile as replicated over the mesh, as _put places them
-            spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(
-                x.shape, x.dtype, sharding=self._replicated) if isinstance(x, np.ndarray | np.generic)
-                else x, args)
-            exe = jitted.lower(*spec, **static).compile()
+            exe = jitted.lower(*self._spec(args), **static).compile()
             self.compile_seconds += time.perf_counter() - t0
             self._compiled[key] = exe
         return exe
+
+    def _spec(self, args):
+        # host arrays (see _inputs) compile as replicated over the mesh, as _put places them
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=self._replicated) if isinstance(x, np.ndarray | np.generic)
+            else x, args)
 
     def _forward(self, b: Bucket, ids, md, logits_indices):
         """All layers over one padded batch: (logits [R, V], new_kv per layer, hidden [T, D])."""
@@ -218,23 +231,42 @@ class ModelRunner:
     def warmup(self, progress: bool = True):
         """Compile every program a step can reach, so that serving compiles nothing: each
         bucket's model programs and cache write, the prompt log-prob program of each token
-        count, and the three sampler variants of each sampler row count (batch.py)."""
+        count, and the three sampler variants of each sampler row count (batch.py).
+
+        The steps are walked abstractly (programs lowered, nothing run), then the lowered
+        programs compile in a thread per CPU core (XLA compiles outside the GIL). Measured on
+        the default model with an empty XLA cache: see README (warmup)."""
+        import concurrent.futures
+        import os
+
         from tqdm.auto import tqdm
 
-        buckets, sampled = self.all_buckets(), set()
-        for b in tqdm(buckets, desc="Compiling buckets", disable=not progress, unit="bucket"):
-            ids, md, li = self._dummy_batch(b)
-            logits, new_kv, hidden = self._forward(b, ids, md, li)
-            self._write_kv(b, new_kv, md.slot_mapping)
-            if b.query_block > 1:
-                self._prompt_logprobs_of(b, hidden, np.zeros(b.num_tokens, np.int32))
-            if li.shape[0] not in sampled:
-                sampled.add(li.shape[0])
-                for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
-                    self._run_sampler(logits, self._put(t), self._put(ban), num_logprobs)
-        if self.swapper is not None:
+        state, self._deferred = (self.kv, self.summaries), {}
+        try:
+            sampled = set()
+            for b in self.all_buckets():
+                ids, md, li = self._dummy_batch(b)
+                logits, new_kv, hidden = self._forward(b, ids, md, li)
+                self._write_kv(b, new_kv, md.slot_mapping)
+                if b.query_block > 1:
+                    self._prompt_logprobs_of(b, hidden, np.zeros(b.num_tokens, np.int32))
+                if li.shape[0] not in sampled:
+                    sampled.add(li.shape[0])
+                    for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
+                        self._run_sampler(logits, self._put(t), self._put(ban), num_logprobs)
+        finally:
+            (self.kv, self.summaries), lowered, self._deferred = state, self._deferred, None
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool, tqdm(
+                total=len(lowered), desc="Compiling", disable=not progress, unit="program") as bar:
+            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
+            for done in concurrent.futures.as_completed(futures):
+                self._compiled[futures[done]] = done.result()
+                bar.update()
+        self.compile_seconds += time.perf_counter() - t0
+        if self.swapper is not None:  # its programs run on real pages: compiled one by one
             self.kv, self.summaries = self.swapper.warmup(self.kv, self.summaries, self._program)
-        jax.block_until_ready(self.kv)
+        self.check()  # one real step through the smallest bucket
 
     def measure_preemption_costs(self) -> tuple[float, float]:
         """(seconds per page swapped out and back, seconds per token of the largest prefill
