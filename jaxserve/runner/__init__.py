@@ -58,7 +58,7 @@ from jaxserve.kernels.storage import storage_dtype
 from jaxserve.models import llama
 from jaxserve.runner.batch import NUM_TOP_LOGPROBS, BatchBuilder, StepInputs, StepResult
 from jaxserve.runner.buckets import Bucket, Buckets, group_size, pages_for_bytes
-from jaxserve.runner.programs import Split, sample_program, write_program
+from jaxserve.runner.programs import Programs, Split, sample_program, write_program
 from jaxserve.runner.swap import KVSwapper
 from jaxserve.sampling import SamplerOutput, SamplingParams, SamplingTensors, token_logprobs
 from jaxserve.sched import SchedulerOutput
@@ -128,14 +128,13 @@ class ModelRunner:
         self._sample = jax.jit(functools.partial(sample_program, mesh=mesh if vocab_split else None),
                                out_shardings=rep,
                                static_argnames=("all_greedy", "needs_penalties", "num_logprobs"))
-        self._deferred: dict[tuple, jax.stages.Lowered] | None = None  # see _program
         self.broadcast = None  # set by multihost.py on process 0 of several: sends StepInputs
         # KV of swapped-out requests in host memory (swap.py); None when preemption recomputes
         self.swapper = None if engine.preemption_mode == "recompute" else \
             KVSwapper(kv_sharding, self.max_pages_per_request,
                       None if self.summaries is None else summary_sharding)
-        self._compiled: dict[tuple, object] = {}
-        self.compile_seconds = 0.0
+        self.programs = Programs(self._replicated)  # every compiled executable, by key
+        self._program, self._compiled = self.programs.get, self.programs.compiled
 
     def sync_weights(self, *, full: bool = False) -> tuple[Split, Split, Split]:
         """Read the model's parameters into the leaves the programs take (after a change to
@@ -176,39 +175,17 @@ class ModelRunner:
     @property
     def num_compilations(self) -> int:
         """Programs compiled so far (model buckets, cache writes and sampler variants)."""
-        return len(self._compiled)
+        return len(self.programs.compiled)
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.programs.seconds
 
     def bucket_for(self, num_tokens: int, num_requests: int, decode_only: bool) -> Bucket:
         return self.buckets.for_step(num_tokens, num_requests, decode_only)
 
     def all_buckets(self) -> list[Bucket]:
         return self.buckets.all()
-
-    def _program(self, key: tuple, jitted, *args, **static):
-        """The compiled executable for `key`, compiling (and counting) it the first time.
-
-        During warmup (`self._deferred` set) a new program is only lowered, and what is
-        returned computes nothing: it gives the program's abstract outputs, so that warmup
-        walks every step shape without running one and compiles the lowered programs at once."""
-        exe = self._compiled.get(key)
-        if self._deferred is not None:
-            lowered = self._deferred.get(key)
-            if exe is None and lowered is None:
-                lowered = self._deferred[key] = jitted.lower(*self._spec(args), **static)
-            info = (exe or lowered).out_info
-            return lambda *_: info
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = jitted.lower(*self._spec(args), **static).compile()
-            self.compile_seconds += time.perf_counter() - t0
-            self._compiled[key] = exe
-        return exe
-
-    def _spec(self, args):
-        # host arrays (see _inputs) compile as replicated over the mesh, as _put places them
-        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=self._replicated) if isinstance(x, np.ndarray | np.generic)
-            else x, args)
 
     def _forward(self, b: Bucket, ids, md, logits_indices):
         """All layers over one padded batch: (logits [R, V], new_kv per layer, hidden [T, D])."""
@@ -236,34 +213,22 @@ class ModelRunner:
         The steps are walked abstractly (programs lowered, nothing run), then the lowered
         programs compile in a thread per CPU core (XLA compiles outside the GIL). Measured on
         the default model with an empty XLA cache: see README (warmup)."""
-        import concurrent.futures
-        import os
-
-        from tqdm.auto import tqdm
-
-        state, self._deferred = (self.kv, self.summaries), {}
-        try:
-            sampled = set()
-            for b in self.all_buckets():
-                ids, md, li = self._dummy_batch(b)
-                logits, new_kv, hidden = self._forward(b, ids, md, li)
-                self._write_kv(b, new_kv, md.slot_mapping)
-                if b.query_block > 1:
-                    self._prompt_logprobs_of(b, hidden, np.zeros(b.num_tokens, np.int32))
-                if li.shape[0] not in sampled:
-                    sampled.add(li.shape[0])
-                    for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
-                        self._run_sampler(logits, self._put(t), self._put(ban), num_logprobs)
-        finally:
-            (self.kv, self.summaries), lowered, self._deferred = state, self._deferred, None
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool, tqdm(
-                total=len(lowered), desc="Compiling", disable=not progress, unit="program") as bar:
-            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
-            for done in concurrent.futures.as_completed(futures):
-                self._compiled[futures[done]] = done.result()
-                bar.update()
-        self.compile_seconds += time.perf_counter() - t0
+        state = self.kv, self.summaries
+        with self.programs.deferred(progress):  # lowered here, compiled on leaving
+            try:
+                sampled = set()
+                for b in self.all_buckets():
+                    ids, md, li = self._dummy_batch(b)
+                    logits, new_kv, hidden = self._forward(b, ids, md, li)
+                    self._write_kv(b, new_kv, md.slot_mapping)
+                    if b.query_block > 1:
+                        self._prompt_logprobs_of(b, hidden, np.zeros(b.num_tokens, np.int32))
+                    if li.shape[0] not in sampled:
+                        sampled.add(li.shape[0])
+                        for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
+                            self._run_sampler(logits, self._put(t), self._put(ban), num_logprobs)
+            finally:
+                self.kv, self.summaries = state  # abstract values while walking
         if self.swapper is not None:  # its programs run on real pages: compiled one by one
             self.kv, self.summaries = self.swapper.warmup(self.kv, self.summaries, self._program)
         self.check()  # one real step through the smallest bucket
