@@ -345,3 +345,19 @@ def test_real_vocabulary_size():
 def test_values_beyond_float32_are_refused(field):
     with pytest.raises(SamplingParamsError, match=rf"^{field} must be .*float32"):
         SamplingParams(**{field: 1e39})
+
+
+def test_top_k_threshold_is_exact_for_every_k():
+    """The k-th largest value per row, k runtime data: small k through lax.top_k, large k by
+    bisection, ties and negative values included, k=0 off (-inf)."""
+    from jaxserve.sampling import _top_k_threshold
+
+    rng = np.random.default_rng(9)
+    z = rng.standard_normal((6, 3000)).astype(np.float32)
+    z[1, :500] = 0.25  # ties at the cutoff
+    z[2] = -np.abs(z[2])  # all negative
+    ks = np.array([0, 1, 64, 65, 1000, 2999], np.int32)
+    got = np.asarray(jax.jit(_top_k_threshold)(jnp.asarray(z), jnp.asarray(ks)))
+    for row, k in enumerate(ks):
+        want = -np.inf if k == 0 else np.sort(z[row])[::-1][k - 1]
+        assert got[row] == want, (row, k)
