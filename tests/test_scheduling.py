@@ -222,3 +222,14 @@ def assert_summaries_match_cache(engine, request):
     for layer in range(len(runner.kv)):
         want = np.asarray(ref_page_summaries(runner.kv[layer][0], lengths))[pages]
         np.testing.assert_array_equal(np.asarray(runner.summaries[layer])[pages], want)
+
+
+def test_auto_preemption_measures_its_costs_and_keeps_outputs(make_tiny_engine):
+    engine = make_tiny_engine(num_kv_pages=14, preemption_mode="auto")
+    config = engine.scheduler.config
+    assert config.swap_seconds_per_page > 0 and config.recompute_seconds_per_token > 0
+    ps = prompts(4, seed=1, lo=20, hi=60)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    assert run_engine(engine, ps, params) == run_engine(make_tiny_engine(), ps, params)
+    assert engine.num_preemptions > 0
+    assert sum(engine.scheduler.num_preemptions.values()) == engine.num_preemptions
