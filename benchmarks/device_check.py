@@ -13,6 +13,9 @@ Rows:
               its floor is (weight bytes + the KV bytes read) / copy bandwidth
   prefill T   one request's T-token prompt chunk; its floor is 2 * params * T / matmul FLOP/s
   swap        1 GiB (tiny: 64 MiB) device -> pinned_host -> device, as preemption swaps KV pages
+  sparse      one layer's decode attention, dense against sparse attention at budgets 1/8 and
+              1/16 (page scoring kernel, selection, attention over the compacted page table;
+              kernels/sparse.py), at 2k, 4k and 8k tokens of context (`sparse_rows`)
 No tokenizer, scheduler or checkpoint: the runner is driven directly, so the figures are the
 device's. benchmarks/device_check.sh runs this after the kernel benchmark.
 """
@@ -99,6 +102,47 @@ class StepTimer:
         return timed(step, repeats)
 
 
+def sparse_rows(config: ModelConfig, dtype, batches, contexts, repeats) -> list[tuple]:
+    """Decode attention of one layer, dense against sparse budgets, on the dispatch's kernels
+    (Pallas on GPU/TPU): rows of (name, time, speedup over dense, '')."""
+    import functools
+
+    from jaxserve.config import SparseAttentionConfig
+    from jaxserve.kernels import build_metadata, ragged_paged_attention
+    from jaxserve.kernels.sparse import ref_page_summaries
+
+    rng = np.random.default_rng(0)
+    kh, e, h, s = config.num_kv_heads, config.head_dim, config.num_heads, 16
+    width = max(contexts) // s
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            used = -(-context // s)
+            tables = [list(range(1 + r * used, 1 + (r + 1) * used)) for r in range(batch)]
+            md = jax.device_put(build_metadata(
+                query_lens=[1] * batch, kv_lens=[context] * batch, page_tables=tables, page_size=s,
+                num_tokens=batch, num_requests=batch, num_pages_per_request=width,
+                num_blocks=batch, query_block=1))
+            shape = (1 + batch * used, s, kh, e)
+            kc = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+            vc = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+            summ = ref_page_summaries(kc, np.full(shape[0], s))
+            q = jnp.asarray(rng.standard_normal((batch, h, e)), dtype)
+            kn = jnp.asarray(rng.standard_normal((batch, kh, e)), dtype)
+            dense = None
+            for frac in (None, 1 / 8, 1 / 16):
+                sparse = None if frac is None else SparseAttentionConfig(budget_fraction=frac, min_context=0)
+                f = jax.jit(functools.partial(ragged_paged_attention, sm_scale=e ** -0.5,
+                                              sparse=sparse))
+                t = timed(lambda: f(q, kc, vc, kn, kn, md, summaries=summ), repeats)
+                dense = dense or t
+                rows.append((f"sparse B={batch} ctx={context} {'dense' if frac is None else f'1/{round(1 / frac)}'}",
+                             f"{t * 1e3:.3f} ms", f"{dense / t:.2f}x vs dense", ""))
+                print(*rows[-1], flush=True)
+            del kc, vc, summ
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model and small shapes (CPU)")
@@ -155,6 +199,7 @@ def main() -> None:
     floor = 2 * num_params * prefill / peak
     rows.append((f"prefill T={prefill}", f"{seconds * 1e3:.2f} ms", f"{prefill / seconds:.0f} tok/s",
                  f"{floor / seconds:.0%} of matmul FLOP/s"))
+    rows += sparse_rows(config, dtype, [1, 8], [256, 512] if tiny else [2048, 4096, 8192], repeats)
     swap = swap_bandwidth((64 if tiny else 1024) * 2**20, repeats)
     rows.append(("swap out / in", "-" if swap is None else
                  f"{swap[0] / 1e9:.1f} / {swap[1] / 1e9:.1f} GB/s", "", "pinned_host" if swap else

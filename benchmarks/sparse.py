@@ -66,8 +66,9 @@ def step_ms(model, md, kc, vc, summ, sparse, repeats):
     @jax.jit
     def step(state, kc, vc, summ, ids, md):
         m = nnx.merge(graphdef, state)
+        dense = None if sparse is None else jnp.arange(n) < sparse.dense_layers
         hidden, _ = llama.run_layers(m.layers, ((kc, vc),) * n, m.embed(ids), md,
-                                     summaries=(summ,) * n, sparse=sparse)
+                                     summaries=(summ,) * n, sparse=sparse, dense_layers=dense)
         return m.head(hidden, jnp.arange(ids.shape[0]), m.embed)
 
     ids = jnp.zeros(md.page_table.shape[0], jnp.int32)

@@ -46,6 +46,8 @@ def _engine_args(p: argparse.ArgumentParser):
                     help="most recent tokens always read")
     sp.add_argument("--sparse-min-context", type=int, default=1024,
                     help="shorter contexts attend densely")
+    sp.add_argument("--sparse-dense-layers", type=int, default=2,
+                    help="the first layers attend densely")
 
 
 def _sparse_config(a, budget: str | None = None):
@@ -67,7 +69,8 @@ def _sparse_config(a, budget: str | None = None):
                                            f"got {budget!r}") from None
     return SparseAttentionConfig(**size, sink_tokens=a.sparse_sink_tokens,
                                  window_tokens=a.sparse_window_tokens,
-                                 min_context=a.sparse_min_context)
+                                 min_context=a.sparse_min_context,
+                                 dense_layers=a.sparse_dense_layers)
 
 
 def _sampling_args(p: argparse.ArgumentParser):

@@ -263,6 +263,9 @@ class SparseAttentionConfig:
     sink_tokens: int = 16  # the first tokens, always read (attention sinks); rounded up to pages
     window_tokens: int = 64  # the most recent tokens, always read; rounded up to pages, >= 1
     min_context: int = 1024  # requests with a shorter context (tokens) attend densely
+    # The first layers attend densely: their attention is spread, not sparse (Quest leaves the
+    # first two layers dense).
+    dense_layers: int = 2
 
     def __post_init__(self):
         if self.budget_fraction is not None and self.budget_tokens is not None:
@@ -273,7 +276,7 @@ class SparseAttentionConfig:
             raise ConfigError("sparse_attention.budget_fraction",
                               f"must be in (0, 1], got {self.budget_fraction!r}")
         for name, low in (("budget_tokens", 1), ("sink_tokens", 0), ("window_tokens", 1),
-                          ("min_context", 0)):
+                          ("min_context", 0), ("dense_layers", 0)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < low):
@@ -284,4 +287,5 @@ class SparseAttentionConfig:
         budget = (f"{self.budget_tokens} tokens" if self.budget_tokens is not None
                   else f"1/{1 / self.budget_fraction:g} of the context")
         return (f"sparse decode attention: {budget}, sink {self.sink_tokens}, window "
-                f"{self.window_tokens}, from {self.min_context} tokens")
+                f"{self.window_tokens}, from {self.min_context} tokens, first "
+                f"{self.dense_layers} layers dense")

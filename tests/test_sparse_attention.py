@@ -143,6 +143,20 @@ def test_budget_covering_the_context_equals_dense_exactly(cfg, dtype):
     np.testing.assert_array_equal(np.asarray(sparse_out, np.float32), np.asarray(dense, np.float32))
 
 
+def test_dense_layer_flag_reads_every_page():
+    rng = np.random.default_rng(12)
+    kv_lens = [93, 60]
+    md, q, kc, vc, kn, vn, _, _, tables = decode_batch(rng, kv_lens)
+    summ = summaries_of(kc, tables, kv_lens)
+    cfg = SparseAttentionConfig(budget_tokens=8, min_context=0)
+    args = [jnp.asarray(x) for x in (q, kc, vc, kn, vn)]
+    f = jax.jit(lambda dense, *a: ragged_paged_attention(
+        *a, md, sm_scale=SCALE, summaries=summ, sparse=cfg, dense_layer=dense))
+    dense = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=SCALE))(*args)
+    np.testing.assert_array_equal(np.asarray(f(jnp.bool_(True), *args)), np.asarray(dense))
+    assert not np.array_equal(np.asarray(f(jnp.bool_(False), *args)), np.asarray(dense))
+
+
 def test_prefill_steps_stay_dense():
     rng = np.random.default_rng(4)
     md, q, kc, vc, kn, vn, _, _, tables = decode_batch(rng, [50, 70])

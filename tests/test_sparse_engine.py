@@ -17,7 +17,8 @@ from jaxserve.sampling import SamplingParams
 
 PROMPTS = [list(range(1000, 1000 + n)) for n in (150, 90, 40, 200)]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
-SPARSE = SparseAttentionConfig(budget_tokens=48, sink_tokens=8, window_tokens=16, min_context=64)
+SPARSE = SparseAttentionConfig(budget_tokens=48, sink_tokens=8, window_tokens=16, min_context=64,
+                               dense_layers=1)  # of the tiny model's two
 
 
 def run(engine, prompts, params=GREEDY):

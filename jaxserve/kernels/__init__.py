@@ -87,7 +87,8 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, impl: str | None = None,
                            interpret: bool = False, mesh: Mesh | None = None,
-                           summaries=None, sparse: SparseAttentionConfig | None = None):
+                           summaries=None, sparse: SparseAttentionConfig | None = None,
+                           dense_layer=None):
     """q [T, H, E], caches [P, S, K, E] (read only), new K/V [T, K, E] -> out [T, H, E].
 
     impl: None picks by backend (TPU -> "tpu", GPU -> "gpu", else "reference"); an explicit
@@ -95,23 +96,25 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
     mesh: heads and KV heads split over its "tensor" axis; each device runs the chosen
     implementation on its shard (K divides by the axis size: parallel.py makes sure of it).
     sparse, summaries: in a decode-only step, read only the pages chosen from the key
-    summaries (per layer [P, 2, K, E], sparse.py); other steps ignore them."""
+    summaries (per layer [P, 2, K, E], sparse.py); other steps ignore them. dense_layer: a
+    traced bool, true where this layer keeps every page (one program serves all layers)."""
     if sparse is not None and sliding_window is not None:
         raise ValueError("sparse attention does not support sliding-window attention")
     if _is_sharded(mesh):
-        def local(q, k_cache, v_cache, k_new, v_new, md, summaries):
+        def local(q, k_cache, v_cache, k_new, v_new, md, summaries, dense_layer):
             if sparse is not None and md.decode_only:
                 md = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret,
-                                      axis_name=TENSOR)
+                                      dense_layer, axis_name=TENSOR)
             return ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
                                           sliding_window=sliding_window, soft_cap=soft_cap,
                                           impl=impl, interpret=interpret)
 
-        specs = (_HEADS, _CACHE, _CACHE, _HEADS, _HEADS, P(), _SUMMARY if sparse else P())
+        specs = (_HEADS, _CACHE, _CACHE, _HEADS, _HEADS, P(), _SUMMARY if sparse else P(), P())
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=_HEADS, check_vma=False)(
-            q, k_cache, v_cache, k_new, v_new, md, summaries if sparse else None)
+            q, k_cache, v_cache, k_new, v_new, md, summaries if sparse else None, dense_layer)
     if sparse is not None and md.decode_only:
-        md = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret)
+        md = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret,
+                              dense_layer)
     if impl not in (None, *IMPLS):
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS} or None")
     backend = backend_of(q)
@@ -132,7 +135,8 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
                                       sliding_window=sliding_window, soft_cap=soft_cap)
 
 
-def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret, axis_name=None):
+def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret, dense_layer,
+                     axis_name=None):
     """The decode step's metadata compacted to the pages sparse attention reads (sparse.py).
     The page scores come from the Pallas kernel on GPU (gpu_sparse_scores.py), from the jnp
     reference elsewhere (a TPU scoring kernel is not written yet)."""
@@ -148,7 +152,8 @@ def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpre
         if scores.unsupported_reason(qs.shape, summaries.shape, md.page_table.shape[1]) is None:
             votes_fn = functools.partial(scores.page_votes, interpret=interpret)
     return _sparse.select_pages(qs, summaries, md, config=sparse, sm_scale=sm_scale,
-                                page_size=k_cache.shape[1], axis_name=axis_name, votes_fn=votes_fn)
+                                page_size=k_cache.shape[1], axis_name=axis_name, votes_fn=votes_fn,
+                                dense=dense_layer)
 
 
 __all__ = ["AttentionMetadata", "IMPLS", "KERNELS", "backend_of", "build_metadata", "kernel_module",

@@ -145,10 +145,11 @@ def budget_pages(config: SparseAttentionConfig, num_pages, page_size: int):
 
 
 def select_pages(qs, summaries, md: AttentionMetadata, *, config: SparseAttentionConfig,
-                 sm_scale: float, page_size: int, axis_name=None, votes_fn=None):
+                 sm_scale: float, page_size: int, axis_name=None, votes_fn=None, dense=None):
     """The decode-only step's metadata with each request's page table compacted to its chosen
     pages and its KV length shrunk to match (see the module doc). qs [R, K, G, E] the requests'
-    queries. votes_fn: the scoring implementation (default `ref_page_votes`)."""
+    queries. votes_fn: the scoring implementation (default `ref_page_votes`). dense: a traced
+    bool, true for a layer that keeps every page (`config.dense_layers`)."""
     votes_fn = ref_page_votes if votes_fn is None else votes_fn
     table, kv_len = md.page_table, md.kv_lens  # [R, W], [R]
     w = table.shape[1]
@@ -159,6 +160,8 @@ def select_pages(qs, summaries, md: AttentionMetadata, *, config: SparseAttentio
     always = (idx < sink) | (idx >= num_pages[:, None] - window)
     score = jnp.where(idx < num_pages[:, None], jnp.where(always, jnp.inf, votes), -jnp.inf)
     keep = budget_pages(config, num_pages, page_size)  # [R]
+    if dense is not None:
+        keep = jnp.where(dense, num_pages, keep)
     # the keep-th best score of each request is its threshold (ties past it are kept too)
     best = -jnp.sort(-score, axis=1)  # [R, W] descending
     threshold = jnp.take_along_axis(best, jnp.maximum(keep - 1, 0)[:, None], axis=1)  # [R, 1]

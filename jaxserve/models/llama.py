@@ -147,10 +147,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, *,
                  mesh: Mesh | None = None, summary=None,
-                 sparse: SparseAttentionConfig | None = None):
+                 sparse: SparseAttentionConfig | None = None, dense_layer=None):
         """x [T, D] (already normed) -> (output [T, D], k_new [T, K, E], v_new [T, K, E]).
         With a mesh, heads are split over its tensor axis and attention runs per device.
-        sparse: decode-only steps read the pages chosen from `summary` ([P, 2, K, E])."""
+        sparse: decode-only steps read the pages chosen from `summary` ([P, 2, K, E]), unless
+        `dense_layer` (a traced bool) is true."""
         c = self.config
         t, g = x.shape[0], c.group_size
         qkv = self.qkv(x).astype(x.dtype)  # [T, K, G+2, E]
@@ -161,7 +162,8 @@ class Attention(nnx.Module):
         q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
         out = kernels.ragged_paged_attention(
             q, k_cache, v_cache, k_new, v_new, md, sm_scale=c.head_dim ** -0.5,
-            sliding_window=c.sliding_window, mesh=mesh, summaries=summary, sparse=sparse)  # [T, H, E]
+            sliding_window=c.sliding_window, mesh=mesh, summaries=summary, sparse=sparse,
+            dense_layer=dense_layer)  # [T, H, E]
         return self.o(out).astype(x.dtype), k_new, v_new
 
 
@@ -188,10 +190,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, hidden, k_cache, v_cache, md: AttentionMetadata, cos, sin, *,
                  mesh: Mesh | None = None, summary=None,
-                 sparse: SparseAttentionConfig | None = None):
+                 sparse: SparseAttentionConfig | None = None, dense_layer=None):
         """hidden [T, D] -> (hidden [T, D], k_new [T, K, E], v_new [T, K, E])."""
         attn, k_new, v_new = self.attn(self.attn_norm(hidden), k_cache, v_cache, md, cos, sin,
-                                       mesh=mesh, summary=summary, sparse=sparse)
+                                       mesh=mesh, summary=summary, sparse=sparse,
+                                       dense_layer=dense_layer)
         hidden = hidden + attn
         return hidden + self.mlp(self.mlp_norm(hidden)), k_new, v_new
 
@@ -233,16 +236,20 @@ class LlamaModel(nnx.Module):
 
 def run_layers(layers: Sequence[DecoderLayer], kv: KVCache, hidden, md: AttentionMetadata, *,
                mesh: Mesh | None = None, summaries=None,
-               sparse: SparseAttentionConfig | None = None) -> tuple[jax.Array, NewKV]:
+               sparse: SparseAttentionConfig | None = None,
+               dense_layers=None) -> tuple[jax.Array, NewKV]:
     """A contiguous group of layers with their caches: hidden [T, D] -> (hidden, new_kv), where
     new_kv holds these layers' K/V of this step's tokens, to be written by write_kv.
-    summaries: these layers' key summaries (per layer [P, 2, K, E]) when `sparse` is set."""
+    summaries: these layers' key summaries (per layer [P, 2, K, E]) when `sparse` is set;
+    dense_layers: [layers] bool, true for the layers that attend densely even so (traced, so
+    one program serves every group)."""
     cos, sin = rope(md.positions, layers[0].attn.config)
     new_kv = []
     summaries = (None,) * len(layers) if summaries is None else summaries
-    for layer, (k_cache, v_cache), summary in zip(layers, kv, summaries, strict=True):
+    for i, (layer, (k_cache, v_cache), summary) in enumerate(zip(layers, kv, summaries, strict=True)):
         hidden, k_new, v_new = layer(hidden, k_cache, v_cache, md, cos, sin, mesh=mesh,
-                                     summary=summary, sparse=sparse)
+                                     summary=summary, sparse=sparse,
+                                     dense_layer=None if dense_layers is None else dense_layers[i])
         new_kv.append((k_new, v_new))
     return hidden, tuple(new_kv)
 

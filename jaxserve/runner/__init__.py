@@ -114,9 +114,9 @@ class ModelRunner:
             return head_def.merge(head_leaves)(hidden, logits_indices, embed_def.merge(embed_leaves))
 
         self._embed = jax.jit(lambda leaves, ids: embed_def.merge(leaves)(ids), out_shardings=rep)
-        self._layers = jax.jit(lambda group, lkv, h, md, summ, sparse: llama.run_layers(
+        self._layers = jax.jit(lambda group, lkv, h, md, summ, dense, sparse: llama.run_layers(
             [layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh,
-            summaries=summ, sparse=sparse), out_shardings=(rep, new_kv_sharding),
+            summaries=summ, sparse=sparse, dense_layers=dense), out_shardings=(rep, new_kv_sharding),
             static_argnames=("sparse",))
         self._head = jax.jit(head, out_shardings=logits_sharding)
         self._prompt_logprobs = jax.jit(lambda hl, el, h, targets: token_logprobs(
@@ -196,8 +196,11 @@ class ModelRunner:
         sparse = self.sparse_attention if b.query_block == 1 else None
         for first in range(0, self.config.num_layers, g):
             group, lkv = tuple(self._layer_leaves[first:first + g]), self.kv[first:first + g]
-            summ = None if sparse is None else self.summaries[first:first + g]
-            args = (group, lkv, hidden, md, summ)
+            summ, dense = None, None
+            if sparse is not None:  # which layers of the group stay dense: data, not a program
+                summ = self.summaries[first:first + g]
+                dense = self._put(np.arange(first, first + g) < sparse.dense_layers)
+            args = (group, lkv, hidden, md, summ, dense)
             hidden, group_kv = self._program(("layers", b, sparse), self._layers, *args,
                                              sparse=sparse)(*args)
             new_kv.extend(group_kv)
