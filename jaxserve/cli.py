@@ -226,9 +226,7 @@ def cmd_eval(a) -> int:
     results = ev.evaluate(llm.engine, configs, lengths=_ints(a.lengths),
                           depths=[float(d) for d in a.depths.split(",")],
                           ppl_window=a.ppl_window, ppl_forced=a.ppl_forced,
-                          ppl_windows=a.ppl_windows, agreement_prompt=a.agreement_prompt,
-                          agreement_tokens=a.agreement_tokens,
-                          agreement_prompts=a.agreement_prompts)
+                          ppl_windows=a.ppl_windows, agreement_tokens=a.agreement_tokens)
     print(ev.table(results))
     if a.json:
         with open(a.json, "w") as f:
@@ -298,13 +296,12 @@ def main(argv=None) -> int:
                         "perplexity, passkey retrieval, greedy agreement (jaxserve.eval)")
     ev.add_argument("--budgets", default="1/4,1/8,1/16", help="sparse budgets to compare")
     ev.add_argument("--lengths", default="1024,2048,4096,8192", help="passkey prompt lengths")
-    ev.add_argument("--depths", default="0.1,0.5,0.9", help="passkey depths (0 = start)")
-    ev.add_argument("--ppl-windows", type=int, default=2, help="text windows for perplexity")
-    ev.add_argument("--ppl-window", type=int, default=4096, help="tokens of each window (prompt)")
+    ev.add_argument("--depths", default="0.25,0.75", help="passkey depths (0 = start)")
+    ev.add_argument("--ppl-windows", type=int, default=2, help="text windows for perplexity "
+                    "(also the prompts of the greedy agreement)")
+    ev.add_argument("--ppl-window", type=int, default=3072, help="tokens of each window (prompt)")
     ev.add_argument("--ppl-forced", type=int, default=64,
                     help="tokens scored after each window, one decode step each")
-    ev.add_argument("--agreement-prompts", type=int, default=2)
-    ev.add_argument("--agreement-prompt", type=int, default=2048, help="tokens per prompt")
     ev.add_argument("--agreement-tokens", type=int, default=256, help="greedy tokens compared")
     ev.add_argument("--json", default=None, help="also write the results to this file")
     _engine_args(ev)
