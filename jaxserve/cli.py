@@ -67,10 +67,15 @@ def _sparse_config(a, budget: str | None = None):
     except ValueError:
         raise ConfigError("sparse_budget", f"must be a fraction (0.125, 1/8) or a token count, "
                                            f"got {budget!r}") from None
-    return SparseAttentionConfig(**size, sink_tokens=a.sparse_sink_tokens,
-                                 window_tokens=a.sparse_window_tokens,
-                                 min_context=a.sparse_min_context,
-                                 dense_layers=a.sparse_dense_layers)
+    try:
+        return SparseAttentionConfig(**size, sink_tokens=a.sparse_sink_tokens,
+                                     window_tokens=a.sparse_window_tokens,
+                                     min_context=a.sparse_min_context,
+                                     dense_layers=a.sparse_dense_layers)
+    except ConfigError as e:  # name the flag: sparse_attention.sink_tokens -> sparse_sink_tokens
+        name = e.field.rpartition(".")[2]
+        raise ConfigError("sparse_budget" if name.startswith("budget") else f"sparse_{name}",
+                          e.problem) from None
 
 
 def _sampling_args(p: argparse.ArgumentParser):

@@ -16,6 +16,11 @@ from jaxserve.cli import main
     (["generate", "hi", "--max-tokens", "0"], "--max-tokens must be an integer >= 1"),
     (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0"),
     (["chat", "--tensor-parallel-size", "0"], "--tensor-parallel-size must be an integer >= 1"),
+    (["serve", "--sparse-budget", "1/8x"], "--sparse-budget must be a fraction (0.125, 1/8) or"),
+    (["serve", "--sparse-budget", "1.5"], "--sparse-budget must be in (0, 1], got 1.5"),
+    (["generate", "hi", "--sparse-budget", "64", "--sparse-window-tokens", "0"],
+     "--sparse-window-tokens must be an integer >= 1, got 0"),
+    (["eval", "--budgets", "1/4,zero"], "--sparse-budget must be a fraction"),
 ])
 def test_configuration_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
