@@ -236,7 +236,7 @@ def test_config_errors():
         SparseAttentionConfig(budget_fraction=0.0)
     with pytest.raises(ConfigError, match="window_tokens"):
         SparseAttentionConfig(window_tokens=0)
-    assert SparseAttentionConfig().budget_fraction == 0.125
+    assert SparseAttentionConfig().budget_fraction == 0.25
     md, q, kc, vc, kn, vn, *_ = decode_batch(np.random.default_rng(0), [20])
     with pytest.raises(ValueError, match="sliding-window"):
         ragged_paged_attention(q, kc, vc, kn, vn, md, sm_scale=SCALE, sliding_window=8,
