@@ -83,7 +83,7 @@ class ModelRunner:
         new_kv_sharding = NamedSharding(self.mesh, P(*kv_sharding.spec[1:]))  # [T, K, E]
         # Sparse decode attention: per-page key summaries [P, 2, K, E] beside the cache, split
         # on K like it, kept by the cache write (kernels/sparse.py). Swapping pages out and in
-        # must carry their summaries too (a page's summary is a function of its keys).
+        # carries their summaries too (runner/swap.py: a summary is a function of its keys).
         self.sparse_attention, self.summaries = engine.sparse_attention, None
         summary_sharding = NamedSharding(self.mesh, P(None, None, *kv_sharding.spec[2:]))
         if engine.sparse_attention is not None:
