@@ -4,6 +4,7 @@ in bfloat16 no program converts a cache- or weight-shaped array."""
 import re
 
 import jax
+import numpy as np
 import pytest
 
 from jaxserve.runner import Bucket
