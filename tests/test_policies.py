@@ -71,12 +71,18 @@ def test_auto_swaps_when_copying_is_cheaper_than_recomputing():
     assert swaps(100.0, 1.0)[0] == 0 < swaps(100.0, 1.0)[1]  # copies dearer: recompute
 
 
-def test_abort_while_swapped_frees_host_pages_and_drops_the_copy():
+def two_requests_that_swap():
+    """A swapping scheduler (and its fake runner) whose two requests cannot both fit: "b" is
+    swapped out a few steps in."""
     sched = Scheduler(config(num_pages=6, page_size=2, enable_prefix_caching=False,
                              preemption_mode="swap", num_host_pages=8))
     sched.add_request(Request("a", [1, 2, 3], max_tokens=7))
     sched.add_request(Request("b", [4, 5, 6], max_tokens=7))
-    runner = runner_for(sched)
+    return sched, runner_for(sched)
+
+
+def test_abort_while_swapped_frees_host_pages_and_drops_the_copy():
+    sched, runner = two_requests_that_swap()
     while True:
         out = sched.schedule()
         sched.update(out, runner.execute(out))
@@ -98,11 +104,7 @@ def test_abort_while_swapped_frees_host_pages_and_drops_the_copy():
 
 
 def test_recompute_all_turns_this_steps_swaps_into_recomputes():
-    sched = Scheduler(config(num_pages=6, page_size=2, enable_prefix_caching=False,
-                             preemption_mode="swap", num_host_pages=8))
-    sched.add_request(Request("a", [1, 2, 3], max_tokens=7))
-    sched.add_request(Request("b", [4, 5, 6], max_tokens=7))
-    runner = runner_for(sched)
+    sched, runner = two_requests_that_swap()
     while True:
         out = sched.schedule()
         if out.swap_out:
