@@ -37,7 +37,10 @@ def _engine_args(p: argparse.ArgumentParser):
                    help="priority: lower `priority` first; fair: VTC per client (OpenAI `user`)")
     g.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap", "auto"])
     g.add_argument("--swap-space", type=int, default=1 << 30,
-                   help="bytes of host memory for swapped-out KV")
+                   help="bytes of host memory for swapped-out KV and the host prefix cache")
+    g.add_argument("--no-host-prefix-cache", dest="host_prefix_cache", action="store_false",
+                   help="forget prefix-cached KV the device evicts instead of keeping it in "
+                        "host memory for later turns")
     sp = p.add_argument_group("sparse decode attention (off unless --sparse-budget is given)")
     sp.add_argument("--sparse-budget", default=None, help="keys each decode reads: a fraction "
                     "of its context (0.125 or 1/8) or a number of tokens (1024)")
@@ -111,7 +114,7 @@ def _llm(a):
                coordinator_address=a.coordinator_address, num_processes=a.num_processes,
                process_id=a.process_id, sparse_attention=_sparse_config(a),
                scheduling_policy=a.scheduling_policy, preemption_mode=a.preemption_mode,
-               swap_space=a.swap_space)
+               swap_space=a.swap_space, host_prefix_cache=a.host_prefix_cache)
 
 
 def cmd_generate(a) -> int:

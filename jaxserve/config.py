@@ -211,7 +211,10 @@ class EngineConfig:
     sparse_attention: SparseAttentionConfig | None = None
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority" (lower first) | "fair" (VTC per client)
     preemption_mode: str = "recompute"  # "recompute" | "swap" (KV to host memory) | "auto"
-    swap_space: int = 1 << 30  # bytes of host memory for swapped-out KV (swap / auto only)
+    swap_space: int = 1 << 30  # bytes of host memory for swapped-out KV and the host prefix tier
+    # Prefix-cached pages the device evicts are kept in swap_space and copied back on a later hit
+    # (multi-turn chats) instead of recomputed (sched/host_tier.py). One process only.
+    host_prefix_cache: bool = True
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -247,6 +250,14 @@ class EngineConfig:
                                                  "'recompute' with num_processes > 1")
         if not self.decode_buckets or any(b < 1 for b in self.decode_buckets):
             raise ConfigError("decode_buckets", f"must be integers >= 1, got {self.decode_buckets}")
+
+    @property
+    def uses_host_kv(self) -> bool:
+        """Whether swap_space bytes of host memory hold KV: swapped-out requests (swap / auto
+        preemption) or the host prefix tier (prefix caching on), on one process."""
+        return self.swap_space > 0 and self.num_processes == 1 and (
+            self.preemption_mode != "recompute"
+            or (self.enable_prefix_caching and self.host_prefix_cache))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,7 +164,7 @@ class Engine:
         num_pages = config.num_kv_pages or pages_for_bytes(
             sharded_model_config(model_config, tensor_size(mesh)), config.page_size,
             config.dtype, config.kv_cache_memory, summaries=config.sparse_attention is not None)
-        num_host_pages = 0 if config.preemption_mode == "recompute" else config.swap_space // (
+        num_host_pages = 0 if not config.uses_host_kv else config.swap_space // (
             kv_bytes_per_page(sharded_model_config(model_config, tensor_size(mesh)),
                               config.page_size, config.dtype,
                               summaries=config.sparse_attention is not None))
@@ -173,7 +173,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
             scheduling_policy=config.scheduling_policy, preemption_mode=config.preemption_mode,
-            num_host_pages=num_host_pages))
+            num_host_pages=num_host_pages, host_prefix_cache=config.host_prefix_cache))
         self.runner = ModelRunner(model, dataclasses.replace(
             config, max_model_len=self.max_model_len), num_pages, mesh=mesh)
         multihost.attach(self.runner)  # several processes: process 0 broadcasts each step
@@ -289,8 +289,7 @@ class Engine:
         for seq in group.seqs:
             self.scheduler.abort(seq.seq_id)
             self._forget(seq.seq_id)
-        swapper = self.runner.swapper
-        if swapper is not None and swapper.host and not self.scheduler.has_unfinished_requests():
+        if self.scheduler.has_host_pages_to_free() and not self.scheduler.has_unfinished_requests():
             self.step()  # nobody may step again soon: drop a swapped request's host copy now
         return True
 

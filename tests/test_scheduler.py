@@ -54,27 +54,28 @@ def reference(prompt, max_tokens, eos=(), min_tokens=0):
 
 
 class FakeRunner:
-    """Also a fake host memory: swap_out copies pages' slots to `host[request_id]` (a list of
-    page contents), swap_in writes them into the new pages; a swap of the wrong pages, or a
-    read of a page after it was freed and reused, changes the tokens."""
+    """Also a fake host memory: swap_out copies pages' slots to `host[host_page]`, swap_in
+    writes them into the new pages, in the order step.py gives (look up the copies swap_in
+    reads, drop host_free, copy out, copy in); a swap of the wrong pages, or a read of a page
+    (device or host) after it was freed and reused, changes the tokens."""
 
     def __init__(self, sched: Scheduler):
         self.sched = sched
         self.kv: dict[tuple[int, int], tuple[int, int]] = {}
-        self.host: dict[str, list[dict[int, tuple[int, int]]]] = {}
+        self.host: dict[int, dict[int, tuple[int, int]]] = {}  # host page -> its slots
         self.swap_counts = [0, 0]  # pages out, in
 
     def swap(self, out):
         size = self.sched.config.page_size
+        reads = [[self.host[h] for h in s.host_page_ids] for s in out.swap_in]
+        for h in out.host_free:
+            self.host.pop(h, None)
         for s in out.swap_out:
-            assert s.request_id not in self.host and len(s.host_page_ids) == len(s.device_page_ids)
-            self.host[s.request_id] = [{i: self.kv[(p, i)] for i in range(size) if (p, i) in self.kv}
-                                       for p in s.device_page_ids]
+            assert len(s.host_page_ids) == len(s.device_page_ids)
+            for p, h in zip(s.device_page_ids, s.host_page_ids):
+                self.host[h] = {i: self.kv[(p, i)] for i in range(size) if (p, i) in self.kv}
             self.swap_counts[0] += len(s.device_page_ids)
-        for rid in out.swap_drop:
-            self.host.pop(rid, None)
-        for s in out.swap_in:
-            pages = self.host.pop(s.request_id)
+        for s, pages in zip(out.swap_in, reads):
             assert len(pages) == len(s.device_page_ids) == len(s.host_page_ids)
             for p, slots in zip(s.device_page_ids, pages):
                 assert self.sched.page_manager.ref_count(p) == 1  # fresh, its own
@@ -159,7 +160,8 @@ def config(**kw):
 def assert_all_pages_free(sched):
     pm = sched.page_manager
     pm.verify()
-    assert sched.host_pool.num_free_pages == sched.host_pool.num_pages
+    tier = 0 if sched.host_tier is None else sched.host_tier.num_pages  # evictable copies
+    assert sched.host_pool.num_free_pages == sched.host_pool.num_pages - tier
     assert pm.num_free_pages == pm.num_usable_pages
     assert all(pm.ref_count(p) == 0 for p in range(pm.num_pages))
 
@@ -521,9 +523,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         policy=st.sampled_from(["fcfs", "priority", "fair"]),
         mode=st.sampled_from(["recompute", "swap", "auto"]),
         host_pages=st.integers(0, 24),  # small pools fill up: swaps fall back to recompute
+        host_tier=st.booleans(),  # evicted prefix pages to the host pool, hits copied back
     )
     def setup(self, page_size, num_pages, max_num_seqs, budget, chunked, prefix_caching, policy,
-              mode, host_pages):
+              mode, host_pages, host_tier):
         max_model_len = 30
         if not chunked:
             budget = max(budget, max_model_len)
@@ -532,7 +535,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_num_batched_tokens=budget, max_model_len=max_model_len,
             enable_prefix_caching=prefix_caching, enable_chunked_prefill=chunked,
             scheduling_policy=policy, preemption_mode=mode, num_host_pages=host_pages,
-            swap_seconds_per_page=1.0, recompute_seconds_per_token=0.3))  # fmt: skip
+            host_prefix_cache=host_tier, swap_seconds_per_page=1.0, recompute_seconds_per_token=0.3))  # fmt: skip
         if policy == "fair":  # re-rank often with a small margin: many preemptions
             self.sched.policy.interval, self.sched.policy.margin = 2, 4.0
         self.runner = runner_for(self.sched)
@@ -608,7 +611,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             else:
                 assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
                 assert request.num_computed_tokens == 0 and request.host_page_ids == []
-        assert len(set(host_owned)) == len(host_owned) == sched.host_pool.num_used_pages
+        tier = sched.host_tier
+        tier_pages = [] if tier is None else list(tier._lru.values())
+        if tier is not None:
+            tier.verify()
+        assert len(set(host_owned + tier_pages)) == len(host_owned) + len(tier_pages) \
+            == sched.host_pool.num_used_pages  # fmt: skip
         assert len(sched.running) <= sched.config.max_num_seqs
         for rid, request in self.finished.items():
             assert request.output_token_ids == self.expected[rid][: request.num_output_tokens]
@@ -624,7 +632,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         out = self.sched.schedule()  # carries the drops of requests aborted while swapped
         self.runner.execute(out)
         self.sched.update(out, {})
-        assert self.runner.host == {}  # no host copy outlives its request
+        # No host copy outlives its request; what is left is the host prefix tier's.
+        tier = self.sched.host_tier
+        assert set(self.runner.host) == (set() if tier is None else set(tier._lru.values()))
+        assert self.sched.host_pool.num_used_pages == (0 if tier is None else tier.num_pages)
 
 
 SchedulerMachine.TestCase.settings = settings(

@@ -45,21 +45,24 @@ def run_engine(engine, ps, params, **add):
 
 
 def check_swapped_pages(runner) -> list[str]:
-    """Wrap the runner's swaps: the pages a request gets back hold bit for bit what its pages
-    held when it was swapped out (K and V of every layer, as stored). Returns the ids checked."""
+    """Wrap the runner's swaps: a page copied back from host memory holds bit for bit what the
+    page copied to that host page held (K and V of every layer, as stored), for swapped requests
+    and host prefix tier pages alike. Returns the request ids of the swap-ins checked."""
     snapshots, checked, apply = {}, [], runner.swapper.apply
 
-    def pages(kv, ids):
-        return [np.asarray(x)[list(ids)] for layer in kv for x in layer]
+    def page(kv, i):
+        return [np.asarray(x)[i] for layer in kv for x in layer]
 
     def spy(kv, summaries, out, program):
+        reads = [[snapshots[h] for h in s.host_page_ids] for s in out.swap_in]
         for s in out.swap_out:
-            snapshots[s.request_id] = pages(kv, s.device_page_ids)
+            snapshots.update((h, page(kv, p)) for p, h in zip(s.device_page_ids, s.host_page_ids))
         kv, summaries = apply(kv, summaries, out, program)
-        for s in out.swap_in:
-            for got, want in zip(pages(kv, s.device_page_ids), snapshots.pop(s.request_id)):
-                assert got.dtype == want.dtype
-                np.testing.assert_array_equal(got, want)
+        for s, want in zip(out.swap_in, reads):
+            for p, want_page in zip(s.device_page_ids, want):
+                for got, w in zip(page(kv, p), want_page):
+                    assert got.dtype == w.dtype
+                    np.testing.assert_array_equal(got, w)
             checked.append(s.request_id)
         return kv, summaries
 
@@ -90,7 +93,7 @@ def test_swap_preemption_restores_kv_bit_for_bit(make_tiny_engine, tiny_model, d
     for params in (SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
                    SamplingParams(temperature=0.9, seed=7, max_tokens=40, ignore_eos=True)):
         small = make_tiny_engine(model, dtype=dtype, num_kv_pages=14, preemption_mode="swap",
-                                 record_steps=True)
+                                 record_steps=True, host_prefix_cache=False)
         checked = check_swapped_pages(small.runner)
         got = run_engine(small, ps, params)
         if not params.temperature:
@@ -125,7 +128,7 @@ def prometheus_text(engine) -> str:
 
 
 def test_abort_while_swapped_drops_the_host_copy(make_tiny_engine):
-    engine = make_tiny_engine(num_kv_pages=14, preemption_mode="swap")
+    engine = make_tiny_engine(num_kv_pages=14, preemption_mode="swap", host_prefix_cache=False)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     for i, p in enumerate(prompts(8, seed=1, lo=20, hi=60)):
         engine.add_request(str(i), p, params)

@@ -129,8 +129,8 @@ class ModelRunner:
                                out_shardings=rep,
                                static_argnames=("all_greedy", "needs_penalties", "num_logprobs"))
         self.broadcast = None  # set by multihost.py on process 0 of several: sends StepInputs
-        # KV of swapped-out requests in host memory (swap.py); None when preemption recomputes
-        self.swapper = None if engine.preemption_mode == "recompute" else \
+        # KV in host memory (swap.py): swapped-out requests and the host prefix tier
+        self.swapper = None if not engine.uses_host_kv else \
             KVSwapper(kv_sharding, self.max_pages_per_request,
                       None if self.summaries is None else summary_sharding)
         self.programs = Programs(self._replicated)  # every compiled executable, by key
@@ -232,8 +232,8 @@ class ModelRunner:
                             self._run_sampler(logits, self._put(t), self._put(ban), num_logprobs)
             finally:
                 self.kv, self.summaries = state  # abstract values while walking
-        if self.swapper is not None:  # its programs run on real pages: compiled one by one
-            self.kv, self.summaries = self.swapper.warmup(self.kv, self.summaries, self._program)
+            if self.swapper is not None:  # copies to and from host memory, every size
+                self.swapper.warmup(self.kv, self.summaries, self._program)
         self.check()  # one real step through the smallest bucket
 
     def measure_preemption_costs(self) -> tuple[float, float]:
@@ -320,7 +320,7 @@ class ModelRunner:
     def _swap(self, out: SchedulerOutput) -> None:
         """The step's KV copies to and from host memory, before its batch: a page a copy out
         reads may be reused by this very step (swap.py)."""
-        if out.swap_out or out.swap_drop or out.swap_in:
+        if out.swap_out or out.host_free or out.swap_in:
             self.kv, self.summaries = self.swapper.apply(self.kv, self.summaries, out,
                                                          self._program)
 

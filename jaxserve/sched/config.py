@@ -39,7 +39,10 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority" | "fair" (policies.py)
     preemption_mode: str = "recompute"  # "recompute" | "swap" | "auto"
-    num_host_pages: int = 0  # host pool for swapped KV (pages); 0: every preemption recomputes
+    # Host pool (pages) for swapped KV and the host prefix tier; 0: every preemption recomputes
+    # and evicted prefix pages are forgotten.
+    num_host_pages: int = 0
+    host_prefix_cache: bool = True  # evicted prefix-cache pages go to the host pool (host_tier.py)
     # "auto" swaps a victim when pages * swap_seconds_per_page < tokens * recompute_seconds_per_token
     # (both measured by the runner); recompute otherwise.
     swap_seconds_per_page: float = 0.0

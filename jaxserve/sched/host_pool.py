@@ -5,6 +5,10 @@ Swap preemption copies a request's KV pages from the device cache to host memory
 (`swap_space` bytes / bytes of one page across layers); a swap-out that does not fit falls back to
 recompute. Ids are handed out as contiguous runs where the free list allows (lowest run that
 fits, else the lowest free ids), so a host copy can be laid out as few large blocks.
+
+The pool is shared by swapped-out requests and the host prefix tier (host_tier.py), whose pages
+are evictable. Every id freed is also recorded (`take_freed`) so the step can tell the runner
+which host copies nobody will read again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class HostPool:
             raise ValueError(f"num_pages must be >= 0, got {num_pages}")
         self.num_pages = num_pages
         self._free: list[int] = list(range(num_pages))  # sorted
+        self._freed: list[int] = []  # freed since take_freed()
 
     @property
     def num_free_pages(self) -> int:
@@ -54,6 +59,12 @@ class HostPool:
             raise PageManagerError(f"host pages {sorted(ids)} are not all in use (double free?)")
         for p in page_ids:
             bisect.insort(self._free, p)
+        self._freed.extend(page_ids)
+
+    def take_freed(self) -> list[int]:
+        """Ids freed since the last call (some may have been handed out again since)."""
+        freed, self._freed = self._freed, []
+        return freed
 
     def _is_free(self, page: int) -> bool:
         i = bisect.bisect_left(self._free, page)

@@ -14,7 +14,9 @@ tokens.
   `share`s them instead of recomputing them.
 - A page whose count drops to 0 is free. If it is registered it stays findable in an LRU of cached
   free pages until `allocate` needs it (least recently freed first; uncached free pages are used
-  before any cached one), at which point its hash is forgotten.
+  before any cached one), at which point its hash is forgotten. With `track_evictions`, each
+  such eviction is recorded (`take_evicted`) so the scheduler can copy the page to the host
+  prefix tier (host_tier.py) before the page is written again.
 
 Every mutating method validates its whole argument before changing anything, so a raised error
 leaves the manager as it was.
@@ -56,7 +58,8 @@ def hash_page(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
 class PageManager:
     """Allocates page ids 1..num_pages-1 and tracks sharing and cached content of each."""
 
-    def __init__(self, num_pages: int, page_size: int, *, enable_prefix_caching: bool = True):
+    def __init__(self, num_pages: int, page_size: int, *, enable_prefix_caching: bool = True,
+                 track_evictions: bool = False):
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
         if page_size < 1:
@@ -72,6 +75,8 @@ class PageManager:
         self._free_uncached: list[int] = list(range(num_pages - 1, NULL_PAGE, -1))
         # Registered pages with count 0, least recently freed first (OrderedDict as an LRU queue).
         self._free_cached: OrderedDict[int, None] = OrderedDict()
+        self.track_evictions = track_evictions
+        self._evicted: list[tuple[int, bytes]] = []  # (page, hash) evicted since take_evicted()
 
     # ---- counts -------------------------------------------------------------------------------
 
@@ -116,6 +121,8 @@ class PageManager:
             else:
                 page, _ = self._free_cached.popitem(last=False)  # evict least recently freed
                 del self._hash_to_page[self._page_hash[page]]
+                if self.track_evictions:
+                    self._evicted.append((page, self._page_hash[page]))
                 self._page_hash[page] = None
             self._ref_counts[page] = 1
             pages.append(page)
@@ -187,11 +194,18 @@ class PageManager:
         self._hash_to_page[page_hash] = page_id
         return True
 
+    def take_evicted(self) -> list[tuple[int, bytes]]:
+        """The (page, hash) of cached pages evicted by `allocate` since the last call, in
+        eviction order: their contents are intact until the device writes the pages again."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
     def forget_cached(self) -> None:
         """Drop the whole prefix cache (the KV contents were lost): every page becomes plain."""
         for page in self._hash_to_page.values():
             self._page_hash[page] = None
         self._hash_to_page.clear()
+        self._evicted.clear()
         self._free_uncached.extend(reversed(self._free_cached))
         self._free_cached.clear()
 

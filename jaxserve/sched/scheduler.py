@@ -23,6 +23,10 @@ KV copied to host memory, `SchedulerOutput.swap_out`, and back at its admission,
 `preemption_mode` says; a swap that does not fit the host pool recomputes. The best-ranked running
 request is never preempted by another one, and `add_request` only accepts requests that fit the
 cache alone, so every request finishes and no request ever fails for lack of pages.
+
+With prefix caching and a host pool, prefix-cached pages evicted from the device are copied to
+host memory (host_tier.py) and an admission whose prompt continues past its device-cached prefix
+copies the next pages back from there (`swap_in` from tier pages) instead of recomputing them.
 """
 
 from jaxserve.sched.config import (
@@ -35,6 +39,7 @@ from jaxserve.sched.config import (
     UnknownRequestError,
 )
 from jaxserve.sched.host_pool import HostPool
+from jaxserve.sched.host_tier import HostTier
 from jaxserve.sched.page_manager import PageManager
 from jaxserve.sched.policies import make_policy
 from jaxserve.sched.request import (
@@ -53,17 +58,21 @@ __all__ = ["PREEMPTION_MODES", "DuplicateRequestError", "RequestTooLongError", "
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.page_manager = PageManager(
-            config.num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching
-        )
-        self.policy = make_policy(config.scheduling_policy)
         self.host_pool = HostPool(config.num_host_pages)
+        # Evicted prefix-cache pages go to host memory when there is a pool to hold them.
+        self.host_tier = HostTier(self.host_pool) if (
+            config.enable_prefix_caching and config.host_prefix_cache and config.num_host_pages
+        ) else None
+        self.page_manager = PageManager(
+            config.num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching,
+            track_evictions=self.host_tier is not None)
+        self.policy = make_policy(config.scheduling_policy)
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
         self._waiting: list[Request] = []  # waiting, preempted and swapped; sorted by rank
         self._running: list[Request] = []  # by rank at each schedule(): victims from the end
         self._pending: SchedulerOutput | None = None  # last schedule() output, awaiting update()
         self._num_added = 0  # arrival sequence numbers
-        self._swap_drop: list[str] = []  # host copies of aborted swapped requests, to drop
+        self._host_free: list[int] = []  # host pages freed by a step that never ran, to tell
         self.num_preemptions = {"recompute": 0, "swap": 0}  # since start, by how
 
     # ---- queries ------------------------------------------------------------------------------
@@ -164,9 +173,18 @@ class Scheduler:
                 self._schedule_running(request, step)
         if not step.preempted:
             self._admit_waiting(step)
-        self._pending = step.build(tuple(self._swap_drop))
-        self._swap_drop.clear()
+        if self.host_tier is not None:  # copy evicted prefix pages out before they are written
+            device, host = self.host_tier.offload(self.page_manager.take_evicted())
+            if device:
+                step.swap_out.append(Swap(None, tuple(device), tuple(host)))
+        self._pending = step.build(tuple(self._host_free + self.host_pool.take_freed()))
+        self._host_free.clear()
         return self._pending
+
+    def has_host_pages_to_free(self) -> bool:
+        """Host copies nobody will read (of requests aborted while swapped) that only the next
+        step's output tells the runner to drop."""
+        return bool(self._host_free) or bool(self.host_pool._freed)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Apply a finished device step: advance computed tokens, append sampled ones, check stops.
@@ -208,12 +226,15 @@ class Scheduler:
             raise SchedulerError("recompute_all() takes the output of the latest schedule()")
         self._pending = None
         for swap in output.swap_out:  # never copied: recompute instead
+            if swap.request_id is None:  # an offload to the host tier
+                self.host_tier.discard(swap.host_page_ids)
+                continue
             request = self._requests.get(swap.request_id)
             if request is not None and request.status is RequestStatus.SWAPPED:
                 self._free_host(request)
                 request.num_computed_tokens = 0
                 request.status = RequestStatus.PREEMPTED
-        self._swap_drop.extend(s.request_id for s in output.swap_in)  # maybe never read
+        self._host_free.extend(output.host_free)  # the runner was never told
         for request in self._running:
             self._free_pages(request)
             request.num_computed_tokens = 0
@@ -268,7 +289,7 @@ class Scheduler:
             plan = self._admission(request, step.budget)
             if plan is None:
                 break  # the head waits for a step with room for its whole prompt (no chunking)
-            hits, num_cached, num_new, missing = plan
+            hits, host_hits, num_cached, num_new, missing = plan
             pm = self.page_manager
             # Hits that sit in the cached-free LRU leave the free pool when shared.
             short = missing + sum(pm.ref_count(p) == 0 for p in hits) > pm.num_free_pages
@@ -285,6 +306,10 @@ class Scheduler:
                                          tuple(request.host_page_ids)))
                 self._free_host(request)
             else:
+                if host_hits:  # prefix pages back from the host tier, which keeps its copies
+                    step.swap_in.append(Swap(request.request_id,
+                                             tuple(new_pages[:len(host_hits)]), tuple(host_hits)))
+                    self.host_tier.count_hits(len(host_hits))
                 request.num_computed_tokens = request.num_cached_tokens = num_cached
                 self.policy.on_admit(request)
             request.page_ids = hits + new_pages
@@ -294,25 +319,31 @@ class Scheduler:
             step.admitted.add(request.request_id)
             step.add(request, num_new)
 
-    def _admission(self, request: Request, budget: int) -> tuple[list[int], int, int, int] | None:
-        """(prefix-cache hit pages, cached tokens, tokens to compute, pages to allocate) of
-        admitting `request` now, or None when it needs a whole prompt the budget cannot hold."""
+    def _admission(self, request: Request, budget: int
+                   ) -> tuple[list[int], list[int], int, int, int] | None:
+        """(device prefix-cache hit pages, host tier hit pages, cached tokens, tokens to compute,
+        device pages to allocate) of admitting `request` now, or None when it needs a whole
+        prompt the budget cannot hold."""
         size, pm = self.config.page_size, self.page_manager
+        hits, host_hits = [], []
         if request.status is RequestStatus.SWAPPED:
-            hits, num_cached = [], request.num_computed_tokens
+            num_cached = request.num_computed_tokens
             num_to_compute = request.num_tokens_to_compute
         else:
-            hits = []
             if self.config.enable_prefix_caching and request.use_prefix_cache:
                 # Full pages only, and at least one token left to compute so the step samples.
                 num_full = (request.num_tokens - 1) // size
-                hits = pm.find_cached_prefix(request.page_hashes(size, num_full))
-            num_cached = len(hits) * size
+                hashes = request.page_hashes(size, num_full)
+                hits = pm.find_cached_prefix(hashes)
+                if self.host_tier is not None:
+                    host_hits = self.host_tier.find(hashes[len(hits):])
+            num_cached = (len(hits) + len(host_hits)) * size
             num_to_compute = request.num_tokens - num_cached
         num_new = min(num_to_compute, budget)
         if num_new < num_to_compute and not self.config.enable_chunked_prefill:
             return None
-        return hits, num_cached, num_new, pm.pages_needed(num_cached + num_new) - len(hits)
+        missing = pm.pages_needed(num_cached + num_new) - len(hits)
+        return hits, host_hits, num_cached, num_new, missing
 
     def _preempt_for(self, request: Request, step: StepBuilder) -> bool:
         """Preempt the worst running request for waiting `request` if the policy ranks it first."""
@@ -358,15 +389,17 @@ class Scheduler:
         self._free_pages(request)  # after the copy is listed: the runner reads them first
 
     def _swaps(self, request: Request, num_pages: int) -> bool:
-        """Swap rather than recompute this victim? Never when the host pool is full."""
-        mode = self.config.preemption_mode
-        if mode == "recompute" or num_pages > self.host_pool.num_free_pages:
+        """Swap rather than recompute this victim? Never when the host pool cannot hold it (the
+        host tier's pages give way first)."""
+        c = self.config
+        if c.preemption_mode == "recompute":
             return False
-        if mode == "swap":
-            return True
-        c = self.config  # auto: the cheaper of copying its pages back and recomputing its tokens
-        return num_pages * c.swap_seconds_per_page <= \
-            request.num_computed_tokens * c.recompute_seconds_per_token
+        if c.preemption_mode == "auto" and num_pages * c.swap_seconds_per_page > \
+                request.num_computed_tokens * c.recompute_seconds_per_token:
+            return False  # auto: the cheaper of copying its pages back and recomputing its tokens
+        if self.host_tier is not None:
+            return self.host_tier.reserve(num_pages)
+        return num_pages <= self.host_pool.num_free_pages
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.status is RequestStatus.RUNNING:
@@ -375,8 +408,7 @@ class Scheduler:
         else:
             self._waiting.remove(request)  # waiting, preempted or swapped: holds no device pages
             if request.status is RequestStatus.SWAPPED:
-                self._free_host(request)
-                self._swap_drop.append(request.request_id)
+                self._free_host(request)  # its host pages reach the runner's drop list
         del self._requests[request.request_id]
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -29,9 +29,11 @@ class ScheduledRequest:
 
 @dataclass(frozen=True)
 class Swap:
-    """One request's KV moving between device pages and host memory, in page-table order."""
+    """KV pages moving between the device cache and host pages, in page-table order: one
+    request's (swap preemption; host tier hits coming back), or prefix-cache pages the device
+    evicts going to the host tier (request_id None)."""
 
-    request_id: str
+    request_id: str | None
     device_page_ids: tuple[int, ...]  # out: the pages to copy (freed after the copy is issued);
     #                                   in: the freshly allocated pages to fill
     host_page_ids: tuple[int, ...]  # host pool ids (sched/host_pool.py), same length
@@ -43,15 +45,17 @@ class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[str, ...]  # ids preempted this step (they hold no pages and are not scheduled)
     num_batched_tokens: int  # sum of num_new_tokens, <= max_num_batched_tokens
-    # Device work before the batch runs, in this order: copies out (they read the cache before
-    # any page is reused), host copies no longer needed (aborted while swapped), copies in.
+    # Device work before the batch runs. A host page may be read by `swap_in`, freed, and
+    # written again by `swap_out` within one step, so the runner: (1) looks up the host copies
+    # `swap_in` reads, (2) drops the copies of `host_free`, (3) copies out (they read the cache
+    # before any page is reused), (4) copies in.
     swap_out: tuple[Swap, ...] = ()
-    swap_drop: tuple[str, ...] = ()  # request ids whose host copy is dropped unread
+    host_free: tuple[int, ...] = ()  # host pages whose copies nobody reads any more
     swap_in: tuple[Swap, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not (self.scheduled or self.swap_out or self.swap_drop or self.swap_in)
+        return not (self.scheduled or self.swap_out or self.host_free or self.swap_in)
 
 
 class StepBuilder:
@@ -84,13 +88,13 @@ class StepBuilder:
         if entry is not None:
             self.budget += entry.num_new_tokens
 
-    def build(self, swap_drop: tuple[str, ...]) -> SchedulerOutput:
+    def build(self, host_free: tuple[int, ...]) -> SchedulerOutput:
         scheduled = tuple(self.entries.values())
         return SchedulerOutput(
             scheduled=scheduled,
             preempted=tuple(self.preempted),
             num_batched_tokens=sum(e.num_new_tokens for e in scheduled),
             swap_out=tuple(self.swap_out),
-            swap_drop=swap_drop,
+            host_free=host_free,
             swap_in=tuple(self.swap_in),
         )

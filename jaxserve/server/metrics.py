@@ -110,6 +110,16 @@ def _scheduling_metrics(engine, name: str):
         g = GaugeMetricFamily(metric, doc, labels=["model_name"])
         g.add_metric([name], value)
         yield g
+    tier = sched.host_tier
+    for metric, doc, value in (
+            ("jaxserve:host_prefix_cache_hit_pages", "Prefix pages copied back from the host "
+             "tier instead of recomputed.", 0 if tier is None else tier.num_hit_pages),
+            ("jaxserve:host_prefix_cache_offloaded_pages", "Prefix-cached pages the device "
+             "evicted that were copied to the host tier.",
+             0 if tier is None else tier.num_offloaded_pages)):
+        c = CounterMetricFamily(metric, doc, labels=["model_name"])
+        c.add_metric([name], value)
+        yield c
     c = CounterMetricFamily("jaxserve:preemptions_by_mode", "Sequences preempted, by mode.",
                             labels=["model_name", "mode"])
     for mode, n in sched.num_preemptions.items():
