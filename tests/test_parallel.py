@@ -206,3 +206,15 @@ def test_vocab_that_does_not_divide_and_prompt_logprobs(smol_tokenizer):
             assert x.keys() == y.keys()  # the same top-3 and prompt token at each position
             assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 and x[t].rank == y[t].rank for t in x)
     np.testing.assert_allclose(batch_logits(two), batch_logits(one), atol=1e-4, rtol=1e-4)
+
+
+def test_a_mesh_the_model_cannot_use_is_refused_before_its_weights_are_read(default_model_path,
+                                                                             monkeypatch):
+    from jaxserve.models import gguf
+    from jaxserve.models.loader import load_checkpoint
+
+    reads, real = [], gguf._load
+    monkeypatch.setattr(gguf, "_load", lambda f, path, info: reads.append(info) or real(f, path, info))
+    with pytest.raises(ShardingError, match=r"9 query heads; sizes that work: \[1, 3\]"):
+        load_checkpoint(default_model_path, mesh=make_mesh(2))
+    assert len(reads) <= 1  # at most the rope frequencies, never a weight

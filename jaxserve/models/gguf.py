@@ -85,8 +85,9 @@ class GGUFCheckpoint:
     metadata: dict[str, object]  # every GGUF key/value, decoded to plain Python
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
-    """Read the GGUF file at `path`; CheckpointError if it is missing, corrupt or inconsistent."""
+def read_gguf(path: str | os.PathLike, check_config=None) -> GGUFCheckpoint:
+    """Read the GGUF file at `path`; CheckpointError if it is missing, corrupt or inconsistent.
+    check_config(hf_config), if given, runs before any weight is read (say, a mesh check)."""
     path = pathlib.Path(path)
     header = read_header(path)
     with open(path, "rb") as f:
@@ -94,6 +95,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         if rope_freqs is not None:
             rope_freqs = _load(f, path, rope_freqs)
         hf_config = _hf_config(path, header, rope_freqs)
+        if check_config is not None:
+            check_config(hf_config)
         plan = _plan_tensors(path, header, hf_config)
         permute_qk = header.metadata["general.architecture"] == "llama"
         tensors = {}

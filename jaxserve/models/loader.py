@@ -135,6 +135,14 @@ def load_hf_config(folder: Path) -> dict:
         raise CheckpointError(path, f"config.json is not valid JSON ({e})") from None
 
 
+def _check_mesh(config: ModelConfig, mesh) -> None:
+    """Refuse a mesh the model cannot run on before any weight is read."""
+    if mesh is not None:
+        from jaxserve.parallel import check_mesh
+
+        check_mesh(config, mesh)
+
+
 def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> LoadedCheckpoint:
     """Load an HF safetensors folder or a `.gguf` file as a model in `dtype`, each parameter
     placed at its sharding on `mesh` (default: the first device)."""
@@ -144,8 +152,10 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Lo
     if path.is_file() and path.suffix == ".gguf":
         from jaxserve.models.gguf import read_gguf
 
-        g = read_gguf(path)
-        config = ModelConfig.from_hf(g.hf_config, source=f"{path} (metadata)")
+        source = f"{path} (metadata)"
+        g = read_gguf(path, check_config=lambda hf: _check_mesh(
+            ModelConfig.from_hf(hf, source=source), mesh))
+        config = ModelConfig.from_hf(g.hf_config, source=source)
 
         def get(name, shape):
             if name not in g.tensors:
@@ -160,6 +170,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Lo
     if path.is_dir():
         hf_config = load_hf_config(path)
         config = ModelConfig.from_hf(hf_config, source=str(path / "config.json"))
+        _check_mesh(config, mesh)
         folder = SafetensorsFolder(path)
         return LoadedCheckpoint(model_from_hf(config, folder.get, dtype, mesh), path,
                                 hf_config=hf_config)
