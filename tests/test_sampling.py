@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 
 from jaxserve.errors import JaxserveError
-from jaxserve.sampling import (MAX_LOGPROBS, SamplingParams, SamplingParamsError, SamplingTensors,
-                               apply_penalties, sample)
+from jaxserve.sampler import apply_penalties, sample
+from jaxserve.sampling import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    SamplingParamsError,
+    SamplingTensors,
+)
 
 _sample = jax.jit(sample, static_argnames=("all_greedy", "needs_penalties", "num_logprobs"))
 
@@ -350,7 +355,7 @@ def test_values_beyond_float32_are_refused(field):
 def test_top_k_threshold_is_exact_for_every_k():
     """The k-th largest value per row, k runtime data: small k through lax.top_k, large k by
     bisection, ties and negative values included, k=0 off (-inf)."""
-    from jaxserve.sampling import _top_k_threshold
+    from jaxserve.sampler import _top_k_threshold
 
     rng = np.random.default_rng(9)
     z = rng.standard_normal((6, 3000)).astype(np.float32)

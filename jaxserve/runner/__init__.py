@@ -60,7 +60,8 @@ from jaxserve.runner.batch import NUM_TOP_LOGPROBS, BatchBuilder, StepInputs, St
 from jaxserve.runner.buckets import Bucket, Buckets, group_size, pages_for_bytes
 from jaxserve.runner.programs import Programs, Split, sample_program, write_program
 from jaxserve.runner.swap import KVSwapper
-from jaxserve.sampling import SamplerOutput, SamplingParams, SamplingTensors, token_logprobs
+from jaxserve.sampler import SamplerOutput, token_logprobs
+from jaxserve.sampling import SamplingParams, SamplingTensors
 from jaxserve.sched import SchedulerOutput
 
 

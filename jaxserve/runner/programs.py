@@ -17,7 +17,8 @@ from jax.sharding import Mesh
 
 from jaxserve import parallel
 from jaxserve.kernels import write_kv, write_summaries
-from jaxserve.sampling import SamplerOutput, SamplingTensors, maybe_token_logprobs, sample
+from jaxserve.sampler import SamplerOutput, maybe_token_logprobs, sample
+from jaxserve.sampling import SamplingTensors
 
 
 class Programs:
