@@ -26,6 +26,7 @@ from jaxserve.kernels.storage import from_storage, to_storage
 
 
 CHUNK_TOKENS = 256  # cache positions per step of the online-softmax loop
+BLOCKS_PER_GROUP = 8  # query blocks attended together (a prefill step loops over groups)
 
 
 def write_kv(kv, new_kv, slot_mapping):
@@ -54,72 +55,86 @@ def ref_ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionM
     _, s, kh, _ = k_cache.shape
     g, qb = h // kh, md.query_block
     n = md.block_start.shape[0]
-
-    # Query blocks: [N, Qb] token indices; rows past block_len are padding.
-    offs = jnp.arange(qb, dtype=jnp.int32)
-    q_valid = offs[None, :] < md.block_len[:, None]  # [N, Qb]
-    tok = jnp.where(q_valid, md.block_start[:, None] + offs[None, :], 0)  # [N, Qb]
-    qs = q[tok].reshape(n, qb, kh, g, e)  # [N, Qb, K, G, E]
-    q_pos = md.positions[tok]  # [N, Qb]
-
-    # Keys in chunks of `chunk_pages` pages, online softmax across chunks, as many chunks as the
-    # longest request in the batch needs (a loop with a data-dependent trip count): the page-table
-    # width P is then no bucket dimension, and a step costs what its context needs, not P * S.
-    # Positions cached before this step come from the *incoming* cache; this step's own tokens
-    # straight from k_new / v_new.
-    req = md.block_request  # [N]
-    kv_len = md.kv_lens[req]  # [N]
-    q_len = md.query_start[req + 1] - md.query_start[req]  # [N]
-    cached = kv_len - q_len  # [N] positions already in the cache
+    nb = min(BLOCKS_PER_GROUP, n)
+    num_groups = -(-n // nb)
+    pad = lambda x: jnp.pad(x, (0, num_groups * nb - n))  # padding blocks: length 0
+    block_request, block_start, block_len = pad(md.block_request), pad(md.block_start), \
+        pad(md.block_len)
     cp = max(1, min(CHUNK_TOKENS // s, md.page_table.shape[1]))  # pages per chunk
     num_chunks = -(-md.page_table.shape[1] // cp)
-    table = jnp.pad(md.page_table, ((0, 0), (0, num_chunks * cp - md.page_table.shape[1])))[req]
+    table = jnp.pad(md.page_table, ((0, 0), (0, num_chunks * cp - md.page_table.shape[1])))
+    offs = jnp.arange(qb, dtype=jnp.int32)
 
-    def chunk(i, carry):
-        m, l, acc = carry  # [N, K, G, Qb] running max and sum; [N, K, G, Qb, E] weighted values
-        pages = jax.lax.dynamic_slice_in_dim(table, i * cp, cp, axis=1)  # [N, cp]
-        kv_pos = i * cp * s + jnp.arange(cp * s, dtype=jnp.int32)  # [C]
-        kv_valid = kv_pos[None, :] < kv_len[:, None]  # [N, C]
-        is_new = kv_pos[None, :] >= cached[:, None]
-        new_tok = jnp.clip(md.query_start[req][:, None] + kv_pos[None, :] - cached[:, None], 0, t - 1)
-        use_cache = (kv_valid & ~is_new)[:, :, None, None]
-        use_new = (kv_valid & is_new)[:, :, None, None]
+    # Query blocks run in groups of `nb`, one group after another, and each group's loop over
+    # cache chunks stops at its own last query position (causal): the blocks of a long prompt's
+    # early tokens do not walk the whole context, and the padding blocks of the bucket (most of
+    # them when one long prompt fills the step) are never visited. Measured on SmolLM2-135M's
+    # shape, one layer, a 512-token chunk ending at 8192 tokens (bucket of 160 blocks, 32 used):
+    # 2190 ms as one group over every block, 330-500 ms in groups of 8 (shared machine; groups
+    # of 4-16 and 512-token chunks within that noise).
+    def group(j, out):
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, j * nb, nb)
+        req, start, blen = sl(block_request), sl(block_start), sl(block_len)  # [nb]
+        q_valid = offs[None, :] < blen[:, None]  # [nb, Qb]
+        tok = jnp.where(q_valid, start[:, None] + offs[None, :], 0)  # [nb, Qb]
+        qs = q[tok].reshape(nb, qb, kh, g, e)  # [nb, Qb, K, G, E]
+        q_pos = jnp.where(q_valid, md.positions[tok], -1)  # [nb, Qb]
+        # Positions cached before this step come from the *incoming* cache; this step's own
+        # tokens straight from k_new / v_new.
+        kv_len = jnp.where(blen > 0, md.kv_lens[req], 0)  # [nb]
+        q_start = md.query_start[req]
+        cached = kv_len - (md.query_start[req + 1] - q_start)  # [nb] positions already cached
+        rows = table[req]  # [nb, P']
 
-        def keys_or_values(cache, new):  # [N, C, K, E]; zero where invalid (may be NaN there)
-            old = from_storage(cache[pages]).reshape(n, cp * s, kh, e)
-            return jnp.where(use_cache, old, jnp.where(use_new, new[new_tok].astype(old.dtype), 0))
+        def chunk(i, carry):
+            m, l, acc = carry  # [nb, K, G, Qb] running max and sum; [nb, K, G, Qb, E] values
+            pages = jax.lax.dynamic_slice_in_dim(rows, i * cp, cp, axis=1)  # [nb, cp]
+            kv_pos = i * cp * s + jnp.arange(cp * s, dtype=jnp.int32)  # [C]
+            kv_valid = kv_pos[None, :] < kv_len[:, None]  # [nb, C]
+            is_new = kv_pos[None, :] >= cached[:, None]
+            new_tok = jnp.clip(q_start[:, None] + kv_pos[None, :] - cached[:, None], 0, t - 1)
+            use_cache = (kv_valid & ~is_new)[:, :, None, None]
+            use_new = (kv_valid & is_new)[:, :, None, None]
 
-        ks, vs = keys_or_values(k_cache, k_new), keys_or_values(v_cache, v_new)
-        scores = jnp.einsum("NQKGE,NCKE->NKGQC", qs, ks,
-                            preferred_element_type=jnp.float32) * sm_scale  # [N, K, G, Qb, C]
-        if soft_cap is not None:
-            scores = soft_cap * jnp.tanh(scores / soft_cap)
-        mask = kv_valid[:, None, :] & (kv_pos[None, None, :] <= q_pos[:, :, None])  # [N, Qb, C]
-        if sliding_window is not None:
-            mask &= kv_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0)  # rows with nothing to attend to yet
-        probs = jnp.exp(scores - m_safe[..., None])
-        scale = jnp.exp(m - m_safe)
-        l = l * scale + jnp.sum(probs, axis=-1)
-        acc = acc * scale[..., None] + jnp.einsum("NKGQC,NCKE->NKGQE", probs.astype(vs.dtype), vs,
-                                                  preferred_element_type=jnp.float32)
-        return m_new, l, acc
+            def keys_or_values(cache, new):  # [nb, C, K, E]; zero where invalid (may be NaN)
+                old = from_storage(cache[pages]).reshape(nb, cp * s, kh, e)
+                return jnp.where(use_cache, old, jnp.where(use_new, new[new_tok].astype(old.dtype), 0))
 
-    shape = (n, kh, g, qb)
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros(shape + (e,), jnp.float32))
-    needed = (jnp.max(kv_len) + cp * s - 1) // (cp * s)
-    _, l, acc = jax.lax.fori_loop(0, jnp.minimum(needed, num_chunks), chunk, init)
-    out = acc / jnp.where(l == 0, 1, l)[..., None]  # padding rows: all zero
-    out = out.transpose(0, 3, 1, 2, 4)  # [N, Qb, K, G, E]
+            ks, vs = keys_or_values(k_cache, k_new), keys_or_values(v_cache, v_new)
+            scores = jnp.einsum("NQKGE,NCKE->NKGQC", qs, ks,
+                                preferred_element_type=jnp.float32) * sm_scale  # [nb, K, G, Qb, C]
+            if soft_cap is not None:
+                scores = soft_cap * jnp.tanh(scores / soft_cap)
+            mask = kv_valid[:, None, :] & (kv_pos[None, None, :] <= q_pos[:, :, None])  # [nb, Qb, C]
+            if sliding_window is not None:
+                mask &= kv_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+            scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0)  # rows with nothing to attend to yet
+            probs = jnp.exp(scores - m_safe[..., None])
+            scale = jnp.exp(m - m_safe)
+            l = l * scale + jnp.sum(probs, axis=-1)
+            acc = acc * scale[..., None] + jnp.einsum(
+                "NKGQC,NCKE->NKGQE", probs.astype(vs.dtype), vs, preferred_element_type=jnp.float32)
+            return m_new, l, acc
 
-    # Back to the flat token axis; padding rows of blocks scatter to a dropped index.
-    dest = jnp.where(q_valid, tok, t).reshape(-1)
-    flat = jnp.zeros((t, h, e), q.dtype).at[dest].set(
-        out.reshape(n * qb, h, e).astype(q.dtype), mode="drop")
-    return flat
+        shape = (nb, kh, g, qb)
+        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(shape + (e,), jnp.float32))
+        first = 0
+        if sliding_window is not None:  # chunks wholly before every query's window are skipped
+            lowest = jnp.min(jnp.where(q_valid, q_pos, jnp.iinfo(jnp.int32).max))
+            first = jnp.clip((lowest - sliding_window + 1) // (cp * s), 0, num_chunks)
+        needed = (jnp.max(q_pos) + cp * s) // (cp * s)  # chunks up to the last query position
+        _, l, acc = jax.lax.fori_loop(first, jnp.minimum(needed, num_chunks), chunk, init)
+        res = acc / jnp.where(l == 0, 1, l)[..., None]  # padding rows: all zero
+        res = res.transpose(0, 3, 1, 2, 4).reshape(nb * qb, h, e)  # [nb * Qb, H, E]
+        # back to the flat token axis; padding rows of blocks scatter to a dropped index
+        dest = jnp.where(q_valid, tok, t).reshape(-1)
+        return out.at[dest].set(res.astype(q.dtype), mode="drop")
+
+    used = (jnp.max(jnp.where(block_len > 0, jnp.arange(num_groups * nb), -1)) + nb) // nb
+    return jax.lax.fori_loop(0, used, group, jnp.zeros((t, h, e), q.dtype))
 
 
 def _decode_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetadata, *, sm_scale,
