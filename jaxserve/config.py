@@ -278,6 +278,11 @@ class SparseAttentionConfig:
     # The first layers attend densely: their attention is spread, not sparse (Quest leaves the
     # first two layers dense).
     dense_layers: int = 2
+    # Choose the pages at one decode step and reuse that choice for the next reuse_steps - 1
+    # (Recycled Attention, arXiv 2411.05787; TokenSelect's selection cache): the steps between
+    # skip the scoring, and still read every page that became new since (the window). 1: choose
+    # at every step.
+    reuse_steps: int = 1
 
     def __post_init__(self):
         if self.budget_fraction is not None and self.budget_tokens is not None:
@@ -288,7 +293,7 @@ class SparseAttentionConfig:
             raise ConfigError("sparse_attention.budget_fraction",
                               f"must be in (0, 1], got {self.budget_fraction!r}")
         for name, low in (("budget_tokens", 1), ("sink_tokens", 0), ("window_tokens", 1),
-                          ("min_context", 0), ("dense_layers", 0)):
+                          ("min_context", 0), ("dense_layers", 0), ("reuse_steps", 1)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < low):
@@ -300,4 +305,5 @@ class SparseAttentionConfig:
                   else f"1/{1 / self.budget_fraction:g} of the context")
         return (f"sparse decode attention: {budget}, sink {self.sink_tokens}, window "
                 f"{self.window_tokens}, from {self.min_context} tokens, first "
-                f"{self.dense_layers} layers dense")
+                f"{self.dense_layers} layers dense"
+                + (f", pages chosen every {self.reuse_steps} steps" if self.reuse_steps > 1 else ""))

@@ -32,6 +32,7 @@ import numpy as np
 from jaxserve.config import EngineConfig
 from jaxserve.kernels import AttentionMetadata
 from jaxserve.runner import Bucket, ModelRunner, StepInputs
+from jaxserve.runner.selection import SelectionInputs
 from jaxserve.sampling import SamplingTensors
 
 _MIN_PAYLOAD = 4096  # bytes; payloads are padded to a power of two at least this
@@ -132,6 +133,9 @@ def pack(inputs: StepInputs) -> bytes:
         static[prefix] = {n: getattr(obj, n) for n in statics}
     if inputs.prompt_targets is not None:
         arrays["prompt_targets"] = inputs.prompt_targets
+    if inputs.selection is not None:  # sparse attention's kept choices (runner/selection.py)
+        arrays.update({f"selection.{f.name}": getattr(inputs.selection, f.name)
+                       for f in dataclasses.fields(SelectionInputs)})
     arrays["static"] = np.frombuffer(json.dumps(static).encode(), np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -146,6 +150,10 @@ def unpack(payload: bytes) -> StepInputs:
     for prefix, cls in (("md", AttentionMetadata), ("sampling", SamplingTensors)):
         names, _ = _fields(cls)
         parts[prefix] = cls(**{n: arrays[f"{prefix}.{n}"] for n in names}, **static[prefix])
+    selection = None
+    if "selection.slots" in arrays:
+        selection = SelectionInputs(**{f.name: arrays[f"selection.{f.name}"]
+                                       for f in dataclasses.fields(SelectionInputs)})
     return StepInputs(Bucket(*static["bucket"]), arrays["token_ids"], parts["md"],
                       arrays["logits_indices"], parts["sampling"], arrays["banned"],
-                      static["num_logprobs"], arrays.get("prompt_targets"))
+                      static["num_logprobs"], arrays.get("prompt_targets"), selection)

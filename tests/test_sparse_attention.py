@@ -143,6 +143,46 @@ def test_budget_covering_the_context_equals_dense_exactly(cfg, dtype):
     np.testing.assert_array_equal(np.asarray(sparse_out, np.float32), np.asarray(dense, np.float32))
 
 
+def test_reuse_reads_the_kept_pages_and_every_newer_one():
+    """A step that does not refresh reads exactly the kept pages, the sink and window pages and
+    the pages past `since` (NaN everywhere else), without scoring; one that refreshes chooses
+    as if nothing were kept."""
+    rng = np.random.default_rng(7)
+    kv_lens = [93, 60, 121]
+    cfg = SparseAttentionConfig(budget_tokens=16, sink_tokens=4, window_tokens=4, min_context=0)
+    md, q, kc, vc, kn, vn, keys, values, tables = decode_batch(rng, kv_lens)
+    summ = summaries_of(kc, tables, kv_lens)
+    r, w = md.page_table.shape
+    kept = rng.random((r, w)) < 0.2
+    since = np.array([20, 10, 29, 0, 0], np.int32)  # pages each request had when it chose
+    f = jax.jit(lambda refresh, kept, *a: ragged_paged_attention(
+        *a, md, sm_scale=SCALE, summaries=summ, sparse=cfg,
+        reuse=sparse.SelectionReuse(kept, jnp.asarray(since), refresh)))
+    fresh = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=SCALE, summaries=summ,
+                                                      sparse=cfg))(q, kc, vc, kn, vn)
+    out, chosen = f(jnp.bool_(True), kept, q, kc, vc, kn, vn)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(fresh))
+    chosen = np.asarray(chosen)
+    for i, kv in enumerate(kv_lens):
+        assert sorted(np.flatnonzero(chosen[i])) == oracle_chosen(q[i], keys[i], kv, cfg)
+    assert not chosen[len(kv_lens):].any()
+    # the kept masks: poison every page outside kept | sink | window | newer
+    poisoned_k, poisoned_v = kc.copy(), vc.copy()
+    want = []
+    for i, (table, kv) in enumerate(zip(tables, kv_lens)):
+        n = -(-kv // S)
+        pages = [j for j in range(n) if kept[i, j] or j < 1 or j >= n - 1 or j >= since[i]]
+        want.append(pages)
+        for j, page in enumerate(table):
+            if j not in pages:
+                poisoned_k[page], poisoned_v[page] = np.nan, np.nan
+    out, chosen = f(jnp.bool_(False), kept, q, poisoned_k, poisoned_v, kn, vn)
+    for i, kv in enumerate(kv_lens):
+        assert sorted(np.flatnonzero(np.asarray(chosen)[i])) == want[i]
+        np.testing.assert_allclose(np.asarray(out)[i], attend_oracle(q[i], keys[i], values[i], kv,
+                                                                     want[i]), atol=1e-5, rtol=1e-5)
+
+
 def test_dense_layer_flag_reads_every_page():
     rng = np.random.default_rng(12)
     kv_lens = [93, 60]
@@ -219,7 +259,7 @@ def test_pallas_kernels_run_the_compacted_batch(impl):
                 kc[page], vc[page] = np.nan, np.nan
     md = jax.tree_util.tree_map(jnp.asarray, md)
     qs = sparse.request_queries(jnp.asarray(q), md).reshape(-1, KH, G, e)
-    compact = sparse.select_pages(qs, summ, md, config=cfg, sm_scale=e ** -0.5, page_size=S)
+    compact, _ = sparse.select_pages(qs, summ, md, config=cfg, sm_scale=e ** -0.5, page_size=S)
     module = kernels.kernel_module(impl)
     assert module.unsupported_reason(q.shape, kc.shape, q.dtype, kc.dtype) is None
     out = np.asarray(module.ragged_paged_attention(q, kc, vc, kn, vn, compact, sm_scale=e ** -0.5,

@@ -120,3 +120,55 @@ def test_switching_needs_summaries(make_tiny_engine):
     with pytest.raises(ConfigError, match="started with"):
         engine.set_sparse_attention(SPARSE)
     engine.set_sparse_attention(None)
+
+
+REUSE = dataclasses.replace(SPARSE, reuse_steps=4)
+
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_reused_full_budget_equals_dense_through_preemption(make_tiny_engine, dense_outputs,
+                                                            preemption_mode):
+    """Kept choices covering every page give dense's tokens and log-probs exactly, with the KV
+    pages too few for all requests at once (they are preempted, then recomputed or swapped back
+    in, under page tables other than the ones they chose with). A stale mask would miss pages:
+    errors far above the 1e-6 that batch composition moves log-probs by."""
+    full = SparseAttentionConfig(budget_fraction=1.0, min_context=0, sink_tokens=0, reuse_steps=3)
+    engine = make_tiny_engine(sparse_attention=full, num_kv_pages=40,
+                              preemption_mode=preemption_mode)
+    outs = run(engine, PROMPTS)
+    assert engine.scheduler.num_preemptions[preemption_mode] > 0
+    for o, d in zip(outs, dense_outputs):  # log-probs move ~1e-6 with batch composition
+        assert o.token_ids == d.token_ids
+        np.testing.assert_allclose([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)],
+                                   [lp[t].logprob for lp, t in zip(d.logprobs, d.token_ids)],
+                                   atol=1e-4)
+
+
+def test_reuse_compiles_nothing_and_keeps_masks_of_own_pages(make_tiny_engine, dense_outputs):
+    counter = CompileCounter()
+    engine = make_tiny_engine(sparse_attention=REUSE)
+    counter.counting = True
+    plain = dataclasses.replace(GREEDY, logprobs=None)
+    outs = run(engine, PROMPTS, plain) + run(engine, [p + [7, 8, 9] for p in PROMPTS], plain)
+    engine.add_request("live", PROMPTS[0] + [5] * 30, dataclasses.replace(GREEDY, max_tokens=40))
+    refreshes = []
+    for _ in range(14):
+        engine.step()
+        kept = engine.runner.selection_cache.kept.get("live")
+        if kept is not None:
+            refreshes.append(kept.position)
+    counter.counting = False
+    assert counter.count == 0, "a warmed-up engine compiled with sparse attention reusing choices"
+    assert any(o.token_ids != d.token_ids for o, d in zip(outs, dense_outputs))
+    # chosen once every 4 decode steps
+    assert len(set(refreshes)) >= 3 and np.all(np.diff(sorted(set(refreshes))) == 4)
+    # the live request's kept mask: its used page-table slots only, sink, window, under budget
+    kept = engine.runner.selection_cache.kept["live"]
+    s = engine.config.page_size
+    num_pages = len(kept.pages)
+    masks = [np.asarray(m)[kept.slot] for m in engine.runner.selections]
+    assert masks[0][:num_pages].all()  # the dense first layer
+    sink, window = -(-REUSE.sink_tokens // s), -(-REUSE.window_tokens // s)
+    for m in masks[1:]:
+        assert not m[num_pages:].any() and m[:sink].all() and m[num_pages - window:num_pages].all()
+        assert m.sum() <= -(-REUSE.budget_tokens // s)

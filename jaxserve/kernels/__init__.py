@@ -88,7 +88,7 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
                            soft_cap: float | None = None, impl: str | None = None,
                            interpret: bool = False, mesh: Mesh | None = None,
                            summaries=None, sparse: SparseAttentionConfig | None = None,
-                           dense_layer=None):
+                           dense_layer=None, reuse: _sparse.SelectionReuse | None = None):
     """q [T, H, E], caches [P, S, K, E] (read only), new K/V [T, K, E] -> out [T, H, E].
 
     impl: None picks by backend (TPU -> "tpu", GPU -> "gpu", else "reference"); an explicit
@@ -97,24 +97,36 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
     implementation on its shard (K divides by the axis size: parallel.py makes sure of it).
     sparse, summaries: in a decode-only step, read only the pages chosen from the key
     summaries (per layer [P, 2, K, E], sparse.py); other steps ignore them. dense_layer: a
-    traced bool, true where this layer keeps every page (one program serves all layers)."""
+    traced bool, true where this layer keeps every page (one program serves all layers).
+    reuse: this layer's kept choice of pages (sparse.SelectionReuse, decode-only steps): then
+    the result is (out, chosen [R, W] bool), the page-table slots this step read."""
     if sparse is not None and sliding_window is not None:
         raise ValueError("sparse attention does not support sliding-window attention")
+    if reuse is not None and not (sparse is not None and md.decode_only):
+        raise ValueError("reuse= is for the decode-only steps of sparse attention")
     if _is_sharded(mesh):
-        def local(q, k_cache, v_cache, k_new, v_new, md, summaries, dense_layer):
+        def local(q, k_cache, v_cache, k_new, v_new, md, summaries, dense_layer, reuse):
+            chosen = None
             if sparse is not None and md.decode_only:
-                md = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret,
-                                      dense_layer, axis_name=TENSOR)
-            return ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
-                                          sliding_window=sliding_window, soft_cap=soft_cap,
-                                          impl=impl, interpret=interpret)
+                md, chosen = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl,
+                                              interpret, dense_layer, reuse, axis_name=TENSOR)
+            out = ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
+                                         sliding_window=sliding_window, soft_cap=soft_cap,
+                                         impl=impl, interpret=interpret)
+            return out if reuse is None else (out, chosen)
 
-        specs = (_HEADS, _CACHE, _CACHE, _HEADS, _HEADS, P(), _SUMMARY if sparse else P(), P())
-        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=_HEADS, check_vma=False)(
-            q, k_cache, v_cache, k_new, v_new, md, summaries if sparse else None, dense_layer)
+        specs = (_HEADS, _CACHE, _CACHE, _HEADS, _HEADS, P(), _SUMMARY if sparse else P(), P(), P())
+        out_specs = _HEADS if reuse is None else (_HEADS, P())  # every device chose the same
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs,
+                             check_vma=False)(q, k_cache, v_cache, k_new, v_new, md,
+                                              summaries if sparse else None, dense_layer, reuse)
     if sparse is not None and md.decode_only:
-        md = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret,
-                              dense_layer)
+        md, chosen = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret,
+                                      dense_layer, reuse)
+        if reuse is not None:
+            out = ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
+                                         soft_cap=soft_cap, impl=impl, interpret=interpret)
+            return out, chosen
     if impl not in (None, *IMPLS):
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS} or None")
     backend = backend_of(q)
@@ -136,8 +148,9 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
 
 
 def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret, dense_layer,
-                     axis_name=None):
-    """The decode step's metadata compacted to the pages sparse attention reads (sparse.py).
+                     reuse=None, axis_name=None):
+    """The decode step's metadata compacted to the pages sparse attention reads (sparse.py),
+    and the page-table slots chosen [R, W] bool.
     The page scores come from the Pallas kernel on GPU (gpu_sparse_scores.py), from the jnp
     reference elsewhere (a TPU scoring kernel is not written yet)."""
     if summaries is None:
@@ -153,7 +166,7 @@ def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpre
             votes_fn = functools.partial(scores.page_votes, interpret=interpret)
     return _sparse.select_pages(qs, summaries, md, config=sparse, sm_scale=sm_scale,
                                 page_size=k_cache.shape[1], axis_name=axis_name, votes_fn=votes_fn,
-                                dense=dense_layer)
+                                dense=dense_layer, reuse=reuse)
 
 
 __all__ = ["AttentionMetadata", "IMPLS", "KERNELS", "backend_of", "build_metadata", "kernel_module",

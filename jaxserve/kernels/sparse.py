@@ -24,6 +24,13 @@ At a decode-only step each layer chooses, per request, the pages to read:
    kernels) runs it unchanged. Keys are cached after RoPE, so moving them changes no score. On
    CPU the jnp path then gathers only the chosen pages: its cost falls with the budget.
 
+Reuse (`config.reuse_steps` > 1; Recycled Attention, arXiv 2411.05787, and TokenSelect's
+selection cache): the runner keeps each request's choice, per layer, as a mask over its page-table
+slots ([W] bool, positions, not page ids: a stale mask can only pick among the request's own
+pages), passes it back in (`SelectionReuse`), and at a step that does not `refresh` the layer
+skips steps 1-3 and reads the kept pages, the sink and window pages, and every page that became
+new since the choice (`since`). The mask each step used is returned, to be kept for the next.
+
 Sliding-window models are refused (the compacted positions no longer say which keys are in the
 window). With a mesh each device scores its own heads and the votes are summed over the tensor
 axis (`axis_name`), so every device chooses the same pages.
@@ -38,6 +45,16 @@ import jax.numpy as jnp
 
 from jaxserve.config import SparseAttentionConfig
 from jaxserve.kernels.metadata import AttentionMetadata
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SelectionReuse:
+    """A layer's kept choice of pages, per request of a decode step (runner/selection.py)."""
+
+    chosen: jax.Array  # [R, W] bool page-table slots each request read at its last choice
+    since: jax.Array  # [R] int32 pages each request had then: later ones are always read
+    refresh: jax.Array  # [] bool choose afresh this step (the kept masks are then ignored)
+
 
 SCORE_CHUNK_PAGES = 64  # pages scored per step of the scoring loop (it runs as far as needed)
 
@@ -145,33 +162,45 @@ def budget_pages(config: SparseAttentionConfig, num_pages, page_size: int):
 
 
 def select_pages(qs, summaries, md: AttentionMetadata, *, config: SparseAttentionConfig,
-                 sm_scale: float, page_size: int, axis_name=None, votes_fn=None, dense=None):
+                 sm_scale: float, page_size: int, axis_name=None, votes_fn=None, dense=None,
+                 reuse: SelectionReuse | None = None):
     """The decode-only step's metadata with each request's page table compacted to its chosen
-    pages and its KV length shrunk to match (see the module doc). qs [R, K, G, E] the requests'
-    queries. votes_fn: the scoring implementation (default `ref_page_votes`). dense: a traced
-    bool, true for a layer that keeps every page (`config.dense_layers`)."""
+    pages and its KV length shrunk to match (see the module doc), and the chosen page-table
+    slots [R, W] bool. qs [R, K, G, E] the requests' queries. votes_fn: the scoring
+    implementation (default `ref_page_votes`). dense: a traced bool, true for a layer that keeps
+    every page (`config.dense_layers`). reuse: the kept choice, read instead of choosing unless
+    `reuse.refresh`."""
     votes_fn = ref_page_votes if votes_fn is None else votes_fn
     table, kv_len = md.page_table, md.kv_lens  # [R, W], [R]
     w = table.shape[1]
     num_pages = (kv_len + page_size - 1) // page_size  # [R], the current token's page included
-    votes = votes_fn(qs, summaries, table, num_pages, sm_scale=sm_scale, axis_name=axis_name)
     idx = jnp.arange(w)[None, :]
+    used = idx < num_pages[:, None]  # [R, W]
     sink, window = -(-config.sink_tokens // page_size), -(-config.window_tokens // page_size)
     always = (idx < sink) | (idx >= num_pages[:, None] - window)
-    score = jnp.where(idx < num_pages[:, None], jnp.where(always, jnp.inf, votes), -jnp.inf)
-    keep = budget_pages(config, num_pages, page_size)  # [R]
-    if dense is not None:
-        keep = jnp.where(dense, num_pages, keep)
-    # the keep-th best score of each request is its threshold (ties past it are kept too)
-    best = -jnp.sort(-score, axis=1)  # [R, W] descending
-    threshold = jnp.take_along_axis(best, jnp.maximum(keep - 1, 0)[:, None], axis=1)  # [R, 1]
-    chosen = (score >= threshold) & (idx < num_pages[:, None])  # [R, W]
+
+    def choose():
+        votes = votes_fn(qs, summaries, table, num_pages, sm_scale=sm_scale, axis_name=axis_name)
+        score = jnp.where(used, jnp.where(always, jnp.inf, votes), -jnp.inf)
+        keep = budget_pages(config, num_pages, page_size)  # [R]
+        if dense is not None:
+            keep = jnp.where(dense, num_pages, keep)
+        # the keep-th best score of each request is its threshold (ties past it are kept too)
+        best = -jnp.sort(-score, axis=1)  # [R, W] descending
+        threshold = jnp.take_along_axis(best, jnp.maximum(keep - 1, 0)[:, None], axis=1)  # [R, 1]
+        return (score >= threshold) & used
+
+    if reuse is None:
+        chosen = choose()
+    else:
+        kept = lambda: (reuse.chosen | always | (idx >= reuse.since[:, None])) & used
+        chosen = jax.lax.cond(reuse.refresh, choose, kept)
     dest = jnp.where(chosen, jnp.cumsum(chosen, axis=1) - 1, w)  # ascending order kept
     rows = jnp.broadcast_to(jnp.arange(table.shape[0])[:, None], table.shape)
     compact = jnp.zeros_like(table).at[rows, dest].set(table, mode="drop")
     count = jnp.sum(chosen, axis=1).astype(kv_len.dtype)
     new_len = jnp.where(kv_len > 0, (count - 1) * page_size + (kv_len - 1) % page_size + 1, 0)
-    return dataclasses.replace(md, page_table=compact, kv_lens=new_len)
+    return dataclasses.replace(md, page_table=compact, kv_lens=new_len), chosen
 
 
 def request_queries(q, md: AttentionMetadata):

@@ -147,11 +147,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x, k_cache, v_cache, md: AttentionMetadata, cos, sin, *,
                  mesh: Mesh | None = None, summary=None,
-                 sparse: SparseAttentionConfig | None = None, dense_layer=None):
+                 sparse: SparseAttentionConfig | None = None, dense_layer=None, reuse=None):
         """x [T, D] (already normed) -> (output [T, D], k_new [T, K, E], v_new [T, K, E]).
         With a mesh, heads are split over its tensor axis and attention runs per device.
         sparse: decode-only steps read the pages chosen from `summary` ([P, 2, K, E]), unless
-        `dense_layer` (a traced bool) is true."""
+        `dense_layer` (a traced bool) is true. reuse: the kept choice (kernels.sparse.
+        SelectionReuse); the output is then (out, chosen [R, W] bool)."""
         c = self.config
         t, g = x.shape[0], c.group_size
         qkv = self.qkv(x).astype(x.dtype)  # [T, K, G+2, E]
@@ -163,7 +164,10 @@ class Attention(nnx.Module):
         out = kernels.ragged_paged_attention(
             q, k_cache, v_cache, k_new, v_new, md, sm_scale=c.head_dim ** -0.5,
             sliding_window=c.sliding_window, mesh=mesh, summaries=summary, sparse=sparse,
-            dense_layer=dense_layer)  # [T, H, E]
+            dense_layer=dense_layer, reuse=reuse)  # [T, H, E]
+        if reuse is not None:
+            out, chosen = out
+            return (self.o(out).astype(x.dtype), chosen), k_new, v_new
         return self.o(out).astype(x.dtype), k_new, v_new
 
 
@@ -190,11 +194,15 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, hidden, k_cache, v_cache, md: AttentionMetadata, cos, sin, *,
                  mesh: Mesh | None = None, summary=None,
-                 sparse: SparseAttentionConfig | None = None, dense_layer=None):
-        """hidden [T, D] -> (hidden [T, D], k_new [T, K, E], v_new [T, K, E])."""
+                 sparse: SparseAttentionConfig | None = None, dense_layer=None, reuse=None):
+        """hidden [T, D] -> (hidden [T, D], k_new [T, K, E], v_new [T, K, E]); with `reuse`
+        (see Attention) hidden is (hidden, chosen)."""
         attn, k_new, v_new = self.attn(self.attn_norm(hidden), k_cache, v_cache, md, cos, sin,
                                        mesh=mesh, summary=summary, sparse=sparse,
-                                       dense_layer=dense_layer)
+                                       dense_layer=dense_layer, reuse=reuse)
+        if reuse is not None:
+            (attn, chosen), hidden = attn, hidden + attn[0]
+            return (hidden + self.mlp(self.mlp_norm(hidden)), chosen), k_new, v_new
         hidden = hidden + attn
         return hidden + self.mlp(self.mlp_norm(hidden)), k_new, v_new
 
@@ -237,20 +245,31 @@ class LlamaModel(nnx.Module):
 def run_layers(layers: Sequence[DecoderLayer], kv: KVCache, hidden, md: AttentionMetadata, *,
                mesh: Mesh | None = None, summaries=None,
                sparse: SparseAttentionConfig | None = None,
-               dense_layers=None) -> tuple[jax.Array, NewKV]:
+               dense_layers=None, selections=None):
     """A contiguous group of layers with their caches: hidden [T, D] -> (hidden, new_kv), where
     new_kv holds these layers' K/V of this step's tokens, to be written by write_kv.
     summaries: these layers' key summaries (per layer [P, 2, K, E]) when `sparse` is set;
     dense_layers: [layers] bool, true for the layers that attend densely even so (traced, so
-    one program serves every group)."""
+    one program serves every group). selections: sparse attention's kept choices
+    (runner/selection.py: per layer [M, W] bool, and slots [R], since [R], refresh []); then the
+    result is (hidden, new_kv, chosen per layer [R, W] bool)."""
     cos, sin = rope(md.positions, layers[0].attn.config)
-    new_kv = []
+    new_kv, chosen = [], []
     summaries = (None,) * len(layers) if summaries is None else summaries
     for i, (layer, (k_cache, v_cache), summary) in enumerate(zip(layers, kv, summaries, strict=True)):
+        reuse = None
+        if selections is not None:
+            kept, slots, since, refresh = selections
+            reuse = kernels.sparse.SelectionReuse(kept[i][slots], since, refresh)
         hidden, k_new, v_new = layer(hidden, k_cache, v_cache, md, cos, sin, mesh=mesh,
-                                     summary=summary, sparse=sparse,
+                                     summary=summary, sparse=sparse, reuse=reuse,
                                      dense_layer=None if dense_layers is None else dense_layers[i])
+        if reuse is not None:
+            hidden, mask = hidden
+            chosen.append(mask)
         new_kv.append((k_new, v_new))
+    if selections is not None:
+        return hidden, tuple(new_kv), tuple(chosen)
     return hidden, tuple(new_kv)
 
 

@@ -101,7 +101,8 @@ def sparse_selection(model: LlamaModel, token_ids: Sequence[int], config: Sparse
                         num_blocks=n, query_block=1)
     qs = q[pos].reshape(n, c.num_kv_heads, c.group_size, c.head_dim)  # [N, K, G, E]
     md = jax.tree.map(jnp.asarray, md)
-    out = select_pages(qs, summaries, md, config=config, sm_scale=c.head_dim ** -0.5, page_size=s)
+    out, _ = select_pages(qs, summaries, md, config=config, sm_scale=c.head_dim ** -0.5,
+                         page_size=s)
     count = (np.asarray(out.kv_lens) - 1) // s + 1  # pages kept per row
     chosen = np.zeros((n, w), bool)
     for r in range(n):

@@ -59,6 +59,7 @@ from jaxserve.models import llama
 from jaxserve.runner.batch import NUM_TOP_LOGPROBS, BatchBuilder, StepInputs, StepResult
 from jaxserve.runner.buckets import Bucket, Buckets, group_size, pages_for_bytes
 from jaxserve.runner.programs import Programs, Split, sample_program, write_program
+from jaxserve.runner.selection import SelectionCache, init_masks, write_masks
 from jaxserve.runner.swap import KVSwapper
 from jaxserve.sampler import SamplerOutput, token_logprobs
 from jaxserve.sampling import SamplingParams, SamplingTensors
@@ -115,10 +116,14 @@ class ModelRunner:
             return head_def.merge(head_leaves)(hidden, logits_indices, embed_def.merge(embed_leaves))
 
         self._embed = jax.jit(lambda leaves, ids: embed_def.merge(leaves)(ids), out_shardings=rep)
-        self._layers = jax.jit(lambda group, lkv, h, md, summ, dense, sparse: llama.run_layers(
-            [layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh,
-            summaries=summ, sparse=sparse, dense_layers=dense), out_shardings=(rep, new_kv_sharding),
-            static_argnames=("sparse",))
+        # (hidden, new K/V, chosen pages: () unless sparse attention keeps its choices)
+        self._layers = jax.jit(lambda group, lkv, h, md, summ, dense, sel, sparse: (llama.run_layers(
+            [layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh, summaries=summ,
+            sparse=sparse, dense_layers=dense, selections=sel) + ((),))[:3],
+            out_shardings=(rep, new_kv_sharding, rep), static_argnames=("sparse",))
+        self._write_selections = jax.jit(write_masks, donate_argnums=(0,), out_shardings=rep)
+        self.selections, self.selection_cache = None, None
+        self._keep_selections(engine.sparse_attention)
         self._head = jax.jit(head, out_shardings=logits_sharding)
         self._prompt_logprobs = jax.jit(lambda hl, el, h, targets: token_logprobs(
             head(hl, el, h, jnp.arange(h.shape[0])), targets, NUM_TOP_LOGPROBS), out_shardings=rep)
@@ -188,23 +193,34 @@ class ModelRunner:
     def all_buckets(self) -> list[Bucket]:
         return self.buckets.all()
 
-    def _forward(self, b: Bucket, ids, md, logits_indices):
-        """All layers over one padded batch: (logits [R, V], new_kv per layer, hidden [T, D])."""
+    def _forward(self, b: Bucket, ids, md, logits_indices, selection=None):
+        """All layers over one padded batch: (logits [R, V], new_kv per layer, hidden [T, D]).
+        selection: a decode step's (slots, since, refresh) of the kept page choices
+        (selection.py) when sparse attention reuses them; None: a step of padding only."""
         el, hl = self._embed_leaves, self._head_leaves
         hidden = self._program(("embed", b.num_tokens), self._embed, el, ids)(el, ids)
-        g, new_kv = self.layers_per_program, []
+        g, new_kv, chosen = self.layers_per_program, [], []
         # sparse attention changes only decode-only buckets: prefill programs stay as they are
         sparse = self.sparse_attention if b.query_block == 1 else None
+        reuse = sparse is not None and self.selection_cache is not None
+        if reuse and selection is None:
+            selection = self._inputs(self.selection_cache.dummy(b.num_requests).arrays())
         for first in range(0, self.config.num_layers, g):
             group, lkv = tuple(self._layer_leaves[first:first + g]), self.kv[first:first + g]
             summ, dense = None, None
             if sparse is not None:  # which layers of the group stay dense: data, not a program
                 summ = self.summaries[first:first + g]
                 dense = self._put(np.arange(first, first + g) < sparse.dense_layers)
-            args = (group, lkv, hidden, md, summ, dense)
-            hidden, group_kv = self._program(("layers", b, sparse), self._layers, *args,
-                                             sparse=sparse)(*args)
+            sel = (self.selections[first:first + g], *selection) if reuse else None
+            args = (group, lkv, hidden, md, summ, dense, sel)
+            hidden, group_kv, group_chosen = self._program(("layers", b, sparse), self._layers,
+                                                           *args, sparse=sparse)(*args)
             new_kv.extend(group_kv)
+            chosen.extend(group_chosen)
+        if reuse:
+            args = (self.selections, tuple(chosen), selection[0])
+            self.selections = self._program(("write_selections", b.num_requests),
+                                            self._write_selections, *args)(*args)
         logits = self._program(("head", b.num_tokens, b.num_requests), self._head,
                                hl, el, hidden, logits_indices)(hl, el, hidden, logits_indices)
         return logits, tuple(new_kv), hidden
@@ -217,7 +233,7 @@ class ModelRunner:
         The steps are walked abstractly (programs lowered, nothing run), then the lowered
         programs compile in a thread per CPU core (XLA compiles outside the GIL). Measured on
         the default model with an empty XLA cache: see README (warmup)."""
-        state = self.kv, self.summaries
+        state = self.kv, self.summaries, self.selections
         with self.programs.deferred(progress):  # lowered here, compiled on leaving
             try:
                 sampled = set()
@@ -232,7 +248,7 @@ class ModelRunner:
                         for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
                             self._run_sampler(logits, self._put(t), self._put(ban), num_logprobs)
             finally:
-                self.kv, self.summaries = state  # abstract values while walking
+                self.kv, self.summaries, self.selections = state  # abstract values while walking
             if self.swapper is not None:  # copies to and from host memory, every size
                 self.swapper.warmup(self.kv, self.summaries, self._program)
         self.check()  # one real step through the smallest bucket
@@ -276,6 +292,17 @@ class ModelRunner:
             raise ConfigError("sparse_attention", "can only be switched on an engine started with "
                                                   "one (others keep no page summaries)")
         self.sparse_attention = config
+        self._keep_selections(config)
+
+    def _keep_selections(self, config) -> None:
+        """Device masks and host bookkeeping of kept page choices, when `config` reuses them
+        (selection.py); a new configuration starts with none kept."""
+        self.selections, self.selection_cache = None, None
+        if config is not None and config.reuse_steps > 1:
+            n = self.engine.max_num_seqs
+            self.selection_cache = SelectionCache(n, config.reuse_steps, self.page_size)
+            self.selections = jax.jit(lambda: init_masks(self.config.num_layers, n,
+                self.max_pages_per_request), out_shardings=self._replicated)()
 
     def _dummy_batch(self, b: Bucket):
         return self._put(self.batch.dummy(b))
@@ -316,7 +343,10 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
                 ) -> tuple[StepInputs, dict, dict[str, str]]:
-        return self.batch.prepare(out, params_of)
+        inputs, rows, failed = self.batch.prepare(out, params_of)
+        if self.selection_cache is not None and inputs.md.decode_only:
+            inputs.selection = self.selection_cache.inputs(out.scheduled, inputs.bucket.num_requests)
+        return inputs, rows, failed
 
     def _swap(self, out: SchedulerOutput) -> None:
         """The step's KV copies to and from host memory, before its batch: a page a copy out
@@ -346,7 +376,7 @@ class ModelRunner:
         targets[keep] = [next_tokens[sched[i].request_id] for i in keep]
         b = inputs.bucket
         ids, md, li, t = self._put((inputs.token_ids, inputs.md, inputs.logits_indices, targets))
-        logits, new_kv, _ = self._forward(b, ids, md, li)
+        logits, new_kv, _ = self._forward(b, ids, md, li, self._selection_of(inputs))
         self._write_kv(b, new_kv, md.slot_mapping)
         ce_program = jax.jit(optax.losses.softmax_cross_entropy_with_integer_labels,
                              out_shardings=self._replicated)
@@ -361,13 +391,17 @@ class ModelRunner:
         b = inputs.bucket
         ids, md, li, tensors, ban = self._inputs((inputs.token_ids, inputs.md, inputs.logits_indices,
                                                   inputs.sampling, inputs.banned))
-        logits, new_kv, hidden = self._forward(b, ids, md, li)
+        logits, new_kv, hidden = self._forward(b, ids, md, li, self._selection_of(inputs))
         self._write_kv(b, new_kv, md.slot_mapping)
         res: SamplerOutput = self._run_sampler(logits, tensors, ban, inputs.num_logprobs)
         prompt_out = None
         if inputs.prompt_targets is not None:
             prompt_out = self._prompt_logprobs_of(b, hidden, inputs.prompt_targets)
         return res, prompt_out
+
+    def _selection_of(self, inputs: StepInputs):
+        s = inputs.selection
+        return None if s is None else self._inputs(s.arrays())
 
     def _prompt_logprobs_of(self, b: Bucket, hidden, targets):
         targets, hl, el = self._inputs(targets), self._head_leaves, self._embed_leaves
@@ -383,6 +417,8 @@ class ModelRunner:
             self.summaries = jax.tree_util.tree_map(lambda x: jax.device_put(jnp.stack(
                 [jnp.full(x.shape[:1] + x.shape[2:], v, x.dtype) for v in (jnp.inf, -jnp.inf)],
                 axis=1), x.sharding), self.summaries)
+        if self.selection_cache is not None:  # the masks may be consumed too: choose afresh
+            self._keep_selections(self.sparse_attention)
 
     def check(self):
         """Run the smallest bucket on a dummy batch (it writes only page 0, the padding page) and

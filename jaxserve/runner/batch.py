@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxserve.kernels import AttentionMetadata, build_metadata
 from jaxserve.runner.buckets import Bucket, Buckets
+from jaxserve.runner.selection import SelectionInputs
 from jaxserve.sampling import MAX_STOP_TOKEN_IDS, SamplingParams, SamplingTensors
 from jaxserve.sched import SchedulerOutput
 
@@ -49,6 +50,7 @@ class StepInputs:
     banned: np.ndarray  # [B, BAN_WIDTH or 0] int32 tokens a row cannot draw (-1 = none)
     num_logprobs: int  # 0 in the greedy variant, else NUM_TOP_LOGPROBS (computed when wanted)
     prompt_targets: np.ndarray | None  # [T] int32 next prompt token per position; None: no prompt logprobs
+    selection: SelectionInputs | None = None  # kept sparse page choices (selection.py), decode steps
 
 
 class BatchBuilder:
