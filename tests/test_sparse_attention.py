@@ -283,13 +283,15 @@ def test_config_errors():
                                summaries=(), sparse=SparseAttentionConfig())
 
 
-def test_gpu_scoring_kernel_matches_reference():
-    """The Pallas GPU bound kernel (interpret mode) against the jnp reference, with NaN in the
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_scoring_kernel_matches_reference(impl):
+    """The Pallas bound kernels (interpret mode) against the jnp reference, with NaN in the
     summaries of every page no request uses (page 0 included) and garbage past each table."""
-    from jaxserve.kernels import gpu_sparse_scores
+    import importlib
 
+    scores = importlib.import_module(f"jaxserve.kernels.{impl}_sparse_scores")
     rng = np.random.default_rng(8)
-    e, num_pages = 32, 90
+    e, num_pages = 64, 90
     kv_lens = [93, 150, 9, 0]  # the last row is padding
     n_pages = np.array([-(-kv // S) for kv in kv_lens], np.int32)
     width = 48
@@ -306,26 +308,41 @@ def test_gpu_scoring_kernel_matches_reference():
     qs = jnp.asarray(rng.standard_normal((len(kv_lens), KH, G, e)), jnp.float32)
     args = (qs, jnp.asarray(summ), jnp.asarray(table), jnp.asarray(n_pages))
     want = np.asarray(sparse.ref_page_bounds(*args))
-    got = np.asarray(gpu_sparse_scores.page_bounds(*args, chunk_pages=16, interpret=True))
+    assert scores.unsupported_reason(qs.shape, summ.shape, width) is None
+    got = np.asarray(scores.page_bounds(*args, chunk_pages=16, interpret=True))
     for r, n in enumerate(n_pages):
         np.testing.assert_allclose(got[r, ..., :n], want[r, ..., :n], rtol=1e-5, atol=1e-4)
-    votes = np.asarray(gpu_sparse_scores.page_votes(*args, sm_scale=0.2, interpret=True))
+    votes = np.asarray(scores.page_votes(*args, sm_scale=0.2, interpret=True))
     ref_votes = np.asarray(sparse.ref_page_votes(*args, sm_scale=0.2))
     np.testing.assert_allclose(votes, ref_votes, rtol=1e-5, atol=1e-6)
     assert all(np.isfinite(votes[r, :n]).all() and np.isneginf(votes[r, n:]).all()
                for r, n in enumerate(n_pages))
 
 
-def test_dispatch_with_gpu_kernels_in_interpret_mode():
-    """impl="gpu": the scoring kernel and the attention kernel, both in interpret mode, give the
-    reference path's output (same pages chosen)."""
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_dispatch_with_kernels_in_interpret_mode(impl):
+    """impl="gpu" / "tpu": the scoring kernel and the attention kernel, both in interpret mode,
+    give the reference path's output (same pages chosen)."""
     cfg = SparseAttentionConfig(budget_fraction=0.25, sink_tokens=4, window_tokens=8, min_context=0)
     rng = np.random.default_rng(9)
-    kv_lens, e = [93, 70], 32
+    kv_lens, e = [93, 70], 64
     md, q, kc, vc, kn, vn, keys, values, tables = decode_batch(rng, kv_lens, head_dim=e)
     summ = summaries_of(kc, tables, kv_lens)
     args = [jnp.asarray(x) for x in (q, np.nan_to_num(kc), np.nan_to_num(vc), kn, vn)]
     opts = dict(sm_scale=e ** -0.5, summaries=summ, sparse=cfg)
     want = ragged_paged_attention(*args, md, **opts)
-    got = ragged_paged_attention(*args, md, impl="gpu", interpret=True, **opts)
+    got = ragged_paged_attention(*args, md, impl=impl, interpret=True, **opts)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_tpu_scoring_kernel_lowers_to_mosaic():
+    """The non-interpret path (strided loads, DMAs per page) lowers at a production shape: 8 kv
+    heads, 4 query heads each, head dim 128, two chunks of 128 pages."""
+    from jaxserve.kernels import tpu_sparse_scores
+
+    qs = jnp.zeros((3, 8, 4, 128), jnp.float32)
+    summ = jnp.zeros((600, 2, 8, 128), jnp.float32)
+    table, n = jnp.zeros((3, 256), jnp.int32), jnp.array([5, 200, 0], jnp.int32)
+    f = jax.jit(lambda *a: tpu_sparse_scores.page_bounds(*a))
+    text = f.trace(qs, summ, table, n).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text

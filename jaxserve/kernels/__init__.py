@@ -151,8 +151,9 @@ def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpre
                      reuse=None, axis_name=None):
     """The decode step's metadata compacted to the pages sparse attention reads (sparse.py),
     and the page-table slots chosen [R, W] bool.
-    The page scores come from the Pallas kernel on GPU (gpu_sparse_scores.py), from the jnp
-    reference elsewhere (a TPU scoring kernel is not written yet)."""
+    The page scores come from the Pallas kernel of the backend on GPU and TPU
+    (gpu_sparse_scores.py, tpu_sparse_scores.py), from the jnp reference elsewhere or for shapes
+    a kernel does not tile."""
     if summaries is None:
         raise ValueError("sparse attention needs the key summaries of the layer's cache")
     md = jax.tree_util.tree_map(jax.numpy.asarray, md)
@@ -160,8 +161,9 @@ def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpre
     qs = _sparse.request_queries(q, md)
     qs = qs.reshape(qs.shape[0], kh, qs.shape[1] // kh, qs.shape[2])  # [R, K, G, E]
     votes_fn = None  # the jnp reference
-    if (impl or backend_of(q)) == "gpu" and (interpret or backend_of(q) == "gpu"):
-        scores = importlib.import_module("jaxserve.kernels.gpu_sparse_scores")
+    kind = impl or backend_of(q)
+    if kind in KERNELS and (interpret or backend_of(q) == kind):
+        scores = importlib.import_module(f"jaxserve.kernels.{kind}_sparse_scores")
         if scores.unsupported_reason(qs.shape, summaries.shape, md.page_table.shape[1]) is None:
             votes_fn = functools.partial(scores.page_votes, interpret=interpret)
     return _sparse.select_pages(qs, summaries, md, config=sparse, sm_scale=sm_scale,
