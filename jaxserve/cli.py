@@ -51,6 +51,8 @@ def _engine_args(p: argparse.ArgumentParser):
                     help="shorter contexts attend densely")
     sp.add_argument("--sparse-dense-layers", type=int, default=2,
                     help="the first layers attend densely")
+    sp.add_argument("--sparse-reuse-steps", type=int, default=1,
+                    help="decode steps a choice of pages serves (1: choose at every step)")
 
 
 def _sparse_config(a, budget: str | None = None):
@@ -61,7 +63,9 @@ def _sparse_config(a, budget: str | None = None):
     budget = budget if budget is not None else a.sparse_budget
     if budget is None:
         return None
+    budget, _, reuse = budget.partition("@")  # eval's "1/8@4": reuse each choice 4 steps
     try:
+        reuse_steps = int(reuse) if reuse else a.sparse_reuse_steps
         num, _, den = budget.partition("/")
         if den or "." in budget:
             size = dict(budget_fraction=float(num) / float(den or 1))
@@ -74,7 +78,7 @@ def _sparse_config(a, budget: str | None = None):
         return SparseAttentionConfig(**size, sink_tokens=a.sparse_sink_tokens,
                                      window_tokens=a.sparse_window_tokens,
                                      min_context=a.sparse_min_context,
-                                     dense_layers=a.sparse_dense_layers)
+                                     dense_layers=a.sparse_dense_layers, reuse_steps=reuse_steps)
     except ConfigError as e:  # name the flag: sparse_attention.sink_tokens -> sparse_sink_tokens
         name = e.field.rpartition(".")[2]
         raise ConfigError("sparse_budget" if name.startswith("budget") else f"sparse_{name}",
@@ -302,7 +306,8 @@ def main(argv=None) -> int:
                    kv_cache_memory=1 << 30)
     ev = sub.add_parser("eval", help="quality of sparse decode attention against dense: "
                         "perplexity, passkey retrieval, greedy agreement (jaxserve.eval)")
-    ev.add_argument("--budgets", default="1/4,1/8,1/16", help="sparse budgets to compare")
+    ev.add_argument("--budgets", default="1/4,1/8,1/16", help="sparse budgets to compare "
+                    "(BUDGET@N: each choice of pages reused for N steps)")
     ev.add_argument("--lengths", default="1024,2048,4096,8192", help="passkey prompt lengths")
     ev.add_argument("--depths", default="0.25,0.75", help="passkey depths (0 = start)")
     ev.add_argument("--ppl-windows", type=int, default=2, help="text windows for perplexity "

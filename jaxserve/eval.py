@@ -145,7 +145,9 @@ class Result:
         if self.config is None:
             return "dense"
         c = self.config
-        return f"{c.budget_tokens} tokens" if c.budget_tokens is not None else f"1/{1 / c.budget_fraction:g}"
+        label = f"{c.budget_tokens} tokens" if c.budget_tokens is not None else \
+            f"1/{1 / c.budget_fraction:g}"
+        return label + (f", reuse {c.reuse_steps}" if c.reuse_steps > 1 else "")
 
 
 def evaluate(engine, configs: Sequence[SparseAttentionConfig], *, lengths=(1024, 2048, 4096, 8192),
