@@ -8,10 +8,12 @@ per-client service of a flooding client against a calm one.
 
 Scenarios (one engine each, same model, same seeded load):
   chunked        fcfs, recompute, a cache that holds the whole load (the baseline)
+  layered        the same with prefill_policy="layered": a prefill batch goes through one group
+                 of layers per step (G from runner/layered.py's measured table) while the
+                 decodes run every layer
   storm/recompute, storm/swap   the cache sized to a quarter of the load's KV: preemption storm
   flood/fcfs, flood/fair        client "flood" queues --flood requests at t=0, client "calm" sends
                                 Poisson arrivals; calm's TTFT and both clients' service
-Layered prefill (issue 13 item 1) is not implemented yet, so there is no layered row.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def main():
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--max-num-batched-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenarios", default="chunked,storm/recompute,storm/swap,flood/fcfs,flood/fair")
+    p.add_argument("--scenarios",
+                   default="chunked,layered,storm/recompute,storm/swap,flood/fcfs,flood/fair")
     p.add_argument("--plot", default=None, help="save the swap storm's step timeline here")
     a = p.parse_args()
 
@@ -144,6 +147,7 @@ def main():
                         record_steps=True)
     scenarios = {
         "chunked": (base, load),
+        "layered": (dataclasses.replace(base, prefill_policy="layered"), load),
         "storm/recompute": (dataclasses.replace(base, num_kv_pages=storm_pages), load),
         "storm/swap": (dataclasses.replace(base, num_kv_pages=storm_pages,
                                            preemption_mode="swap"), load),

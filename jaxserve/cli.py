@@ -41,6 +41,9 @@ def _engine_args(p: argparse.ArgumentParser):
     g.add_argument("--no-host-prefix-cache", dest="host_prefix_cache", action="store_false",
                    help="forget prefix-cached KV the device evicts instead of keeping it in "
                         "host memory for later turns")
+    g.add_argument("--prefill-policy", default="chunked", choices=["chunked", "layered"],
+                   help="layered: a prefill advances one group of layers per step while decodes "
+                        "run every layer (arXiv 2510.08055)")
     sp = p.add_argument_group("sparse decode attention (off unless --sparse-budget is given)")
     sp.add_argument("--sparse-budget", default=None, help="keys each decode reads: a fraction "
                     "of its context (0.125 or 1/8) or a number of tokens (1024)")
@@ -118,7 +121,8 @@ def _llm(a):
                coordinator_address=a.coordinator_address, num_processes=a.num_processes,
                process_id=a.process_id, sparse_attention=_sparse_config(a),
                scheduling_policy=a.scheduling_policy, preemption_mode=a.preemption_mode,
-               swap_space=a.swap_space, host_prefix_cache=a.host_prefix_cache)
+               swap_space=a.swap_space, host_prefix_cache=a.host_prefix_cache,
+               prefill_policy=a.prefill_policy)
 
 
 def cmd_generate(a) -> int:

@@ -215,6 +215,12 @@ class EngineConfig:
     # Prefix-cached pages the device evicts are kept in swap_space and copied back on a later hit
     # (multi-turn chats) instead of recomputed (sched/host_tier.py). One process only.
     host_prefix_cache: bool = True
+    # "chunked": prompt chunks share the decodes' batch; "layered": the prefill batch goes through
+    # one group of layers per step while decodes go through all (runner/layered.py).
+    prefill_policy: str = "chunked"
+    # layered: ((at most tokens, stages), ...) ascending; None: the table measured for this
+    # machine (runner/layered.py MEASURED_STAGES). Stages become divisors of the layer count.
+    prefill_stages: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -248,6 +254,17 @@ class EngineConfig:
         if self.preemption_mode != "recompute" and self.num_processes > 1:
             raise ConfigError("preemption_mode", "swap and auto run on one process only; use "
                                                  "'recompute' with num_processes > 1")
+        if self.prefill_policy not in ("chunked", "layered"):
+            raise ConfigError("prefill_policy", f"must be 'chunked' or 'layered', got "
+                                                f"{self.prefill_policy!r}")
+        if self.prefill_policy == "layered" and self.num_processes > 1:
+            raise ConfigError("prefill_policy", "layered prefill runs on one process only; use "
+                                                "'chunked' with num_processes > 1")
+        if self.prefill_stages is not None and (
+                not self.prefill_stages or any(len(row) != 2 or row[1] < 1 for row in self.prefill_stages)
+                or [t for t, _ in self.prefill_stages] != sorted(t for t, _ in self.prefill_stages)):
+            raise ConfigError("prefill_stages", f"must be (max tokens, stages >= 1) rows in "
+                                                f"ascending order, got {self.prefill_stages}")
         if not self.decode_buckets or any(b < 1 for b in self.decode_buckets):
             raise ConfigError("decode_buckets", f"must be integers >= 1, got {self.decode_buckets}")
 

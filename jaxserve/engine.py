@@ -31,6 +31,7 @@ from jaxserve.parallel import (ShardingError, check_mesh, make_mesh, sharded_mod
 from jaxserve.records import StepRecord, StepRecords
 from jaxserve.runner import ModelRunner, StepResult, pages_for_bytes
 from jaxserve.runner.buckets import kv_bytes_per_page
+from jaxserve.runner.layered import prefill_stages
 from jaxserve.sampling import SamplingParams
 from jaxserve.sched import FinishReason, Request, Scheduler, SchedulerConfig
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -168,12 +169,17 @@ class Engine:
             kv_bytes_per_page(sharded_model_config(model_config, tensor_size(mesh)),
                               config.page_size, config.dtype,
                               summaries=config.sparse_attention is not None))
+        # layered prefill: stages by tokens, made divisors of the layer count (runner/layered.py)
+        config = dataclasses.replace(config, prefill_stages=prefill_stages(
+            model_config.num_layers, config.prefill_stages))
+        self.config = config
         self.scheduler = Scheduler(SchedulerConfig(
             num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
             scheduling_policy=config.scheduling_policy, preemption_mode=config.preemption_mode,
-            num_host_pages=num_host_pages, host_prefix_cache=config.host_prefix_cache))
+            num_host_pages=num_host_pages, host_prefix_cache=config.host_prefix_cache,
+            prefill_policy=config.prefill_policy, prefill_stages=config.prefill_stages))
         self.runner = ModelRunner(model, dataclasses.replace(
             config, max_model_len=self.max_model_len), num_pages, mesh=mesh)
         multihost.attach(self.runner)  # several processes: process 0 broadcasts each step
@@ -332,12 +338,14 @@ class Engine:
         """What this step did (`EngineConfig.record_steps`), read after it finished."""
         decode = [s for s in scheduled.scheduled
                   if s.num_new_tokens == 1 and s.start_position >= s.request.num_prompt_tokens]
-        sched = self.scheduler
+        sched, stage = self.scheduler, scheduled.prefill_stage
         return StepRecord(
             step=len(self.step_records), start=start, duration=time.perf_counter() - start,
-            num_decode=len(decode), num_prefill=len(scheduled.scheduled) - len(decode),
-            decode_tokens=len(decode), prefill_tokens=scheduled.num_batched_tokens - len(decode),
-            prefill_stage=None,
+            num_decode=len(decode), num_prefill=len(scheduled.scheduled) - len(decode) + (
+                0 if stage is None else len(stage.entries)),
+            decode_tokens=len(decode), prefill_tokens=scheduled.num_batched_tokens - len(decode) + (
+                0 if stage is None else stage.num_tokens),
+            prefill_stage=None if stage is None else (stage.stage, stage.num_stages),
             num_running=sched.num_running, num_waiting=sched.num_waiting,
             num_swapped=sched.num_swapped,
             pages_device=sched.page_manager.num_used_pages,
@@ -389,7 +397,7 @@ class Engine:
                                         f"steps any more ({e!r})")
             raise self.dead from error
         reasons = {}
-        for s in scheduled.scheduled:
+        for s in scheduled.scheduled + (scheduled.prefill_stage.entries if scheduled.prefill_stage else ()):
             strikes = self._strikes[s.request_id] = self._strikes.get(s.request_id, 0) + 1
             if strikes >= 2:
                 self.scheduler.finish_request(s.request_id, FinishReason.ERROR)
@@ -398,7 +406,8 @@ class Engine:
 
     def _postprocess(self, scheduled, result: StepResult) -> list[RequestOutput]:
         now = time.time()
-        for s in scheduled.scheduled:
+        for s in scheduled.scheduled + (scheduled.prefill_stage.entries
+                                        if scheduled.prefill_stage is not None else ()):
             group, _ = self._seqs[s.request_id]
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now

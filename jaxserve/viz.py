@@ -54,7 +54,8 @@ def _figure(nrows: int, ncols: int = 1, *, figsize, sharex: bool = False):
 
 def timeline(records: Sequence[StepRecord], *, title: str | None = None) -> Figure:
     """One column per engine step, four panels sharing the step axis:
-    batch (decode and prefill tokens, stacked; layered-prefill stages hatched), requests
+    batch (decode and prefill tokens, stacked; a layered-prefill stage hatched, as its tokens
+    divided by its number of stages: the all-layer tokens it is worth), requests
     (running, waiting, swapped; preemptions marked), KV pages (on device, in host memory; pages
     swapped out and in as bars) and step time."""
     if not records:
@@ -69,9 +70,11 @@ def timeline(records: Sequence[StepRecord], *, title: str | None = None) -> Figu
     batch.bar(steps, decode, width=1.0, color=DECODE, label="decode tokens")
     batch.bar(steps, np.where(layered, 0, prefill), width=1.0, bottom=decode, color=PREFILL,
               label="prefill tokens")
-    if layered.any():
-        batch.bar(steps, np.where(layered, prefill, 0), width=1.0, bottom=decode, color=PREFILL,
-                  hatch="//", edgecolor=STAGE, label="layered prefill stage")
+    if layered.any():  # a stage runs its tokens through L / G layers: drawn as tokens / G
+        groups = np.array([r.prefill_stage[1] if r.prefill_stage else 1 for r in records])
+        batch.bar(steps, np.where(layered, prefill / groups, 0), width=1.0, bottom=decode,
+                  color=PREFILL, hatch="//", edgecolor=STAGE,
+                  label="layered prefill stage (tokens / stages)")
     batch.set_ylabel("tokens")
     batch.legend(loc="upper right", fontsize=8)
 

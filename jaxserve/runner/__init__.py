@@ -21,7 +21,9 @@ sampler is its own program so that sampling options (top-k, top-p, penalties, lo
 a small sampler variant instead of another 30-layer model.
 
 The package: `buckets.py` (the padded shapes a step runs in), `batch.py` (`prepare`: a step as
-host numpy), `programs.py` (the split model and the sampler program); this file holds the
+host numpy), `programs.py` (the split model and the sampler program), `swap.py` (KV to and from
+host memory), `layered.py` (layered prefill: a prefill batch one group of layers per step,
+its hidden states kept on device between steps); this file holds the
 runner itself (placement, the compiled programs and their cache, one step on device).
 
 Pure at the jit boundary: the Flax model is split once (`nnx.split` of the embedding, of each
@@ -58,6 +60,7 @@ from jaxserve.kernels.storage import storage_dtype
 from jaxserve.models import llama
 from jaxserve.runner.batch import NUM_TOP_LOGPROBS, BatchBuilder, StepInputs, StepResult
 from jaxserve.runner.buckets import Bucket, Buckets, group_size, pages_for_bytes
+from jaxserve.runner.layered import LayeredPrefillRunner, concat_results, prefill_stages
 from jaxserve.runner.programs import Programs, Split, sample_program, write_program
 from jaxserve.runner.selection import SelectionCache, init_masks, write_masks
 from jaxserve.runner.swap import KVSwapper
@@ -140,6 +143,9 @@ class ModelRunner:
             KVSwapper(kv_sharding, self.max_pages_per_request,
                       None if self.summaries is None else summary_sharding)
         self.programs = Programs(self._replicated)  # every compiled executable, by key
+        # layered prefill (layered.py): the in-flight prefill batch and its stage programs
+        self.layered = LayeredPrefillRunner(self, layer_def, new_kv_sharding, prefill_stages(
+            config.num_layers, engine.prefill_stages)) if engine.prefill_policy == "layered" else None
         self._program, self._compiled = self.programs.get, self.programs.compiled
 
     def sync_weights(self, *, full: bool = False) -> tuple[Split, Split, Split]:
@@ -243,6 +249,8 @@ class ModelRunner:
                     self._write_kv(b, new_kv, md.slot_mapping)
                     if b.query_block > 1:
                         self._prompt_logprobs_of(b, hidden, np.zeros(b.num_tokens, np.int32))
+                        if self.layered is not None:
+                            self.layered.warmup(b, md, hidden)
                     if li.shape[0] not in sampled:
                         sampled.add(li.shape[0])
                         for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
@@ -322,24 +330,38 @@ class ModelRunner:
 
     def execute(self, out: SchedulerOutput, params_of: dict[str, SamplingParams]) -> StepResult:
         """Run one scheduled step; sample for the entries whose step completes a prefill or decodes."""
-        sched = out.scheduled
+        sched, stage = out.scheduled, out.prefill_stage
         self._swap(out)
-        if not sched:
+        if self.layered is not None and stage is None:
+            self.layered.drop()  # its members all left
+        if not sched and stage is None:
             return StepResult([], np.zeros(0, np.int32), np.zeros(0, np.float32), None, None, None)
-        inputs, prompt_rows, failed = self.prepare(out, params_of)
-        if self.broadcast is not None:
-            self.broadcast(inputs)
-        res, prompt_out = jax.device_get(self.run(inputs))
+        parts = []  # (request ids by row, rows that sampled, device results, prompt rows, failed)
+        if sched:  # the batch through every layer (with layered prefill: the decodes)
+            inputs, prompt_rows, failed = self.prepare(out, params_of)
+            if self.broadcast is not None:
+                self.broadcast(inputs)
+            keep = [i for i, s in enumerate(sched) if s.samples_token and s.request_id not in failed]
+            parts.append(([s.request_id for s in sched], keep, self.run(inputs), prompt_rows, failed))
+        if stage is not None:  # one group of layers of the prefill batch (layered.py)
+            done = self.layered.run(stage, params_of)
+            if done is not None:
+                parts.append(done)
+        results = jax.device_get([p[2] for p in parts])
         if self.swapper is not None:
             self.swapper.settle()
-        keep = np.array([i for i, s in enumerate(sched) if s.samples_token
-                         and s.request_id not in failed], np.int64)
-        pick = lambda x: None if x is None else np.asarray(x)[keep]
+        return concat_results([self._result(ids, keep, res, prompt_rows, failed) for
+                               (ids, keep, _, prompt_rows, failed), res in zip(parts, results)])
+
+    @staticmethod
+    def _result(ids, keep, device_result, prompt_rows, failed) -> StepResult:
+        (res, prompt_out), keep = device_result, np.array(keep, np.int64)
+        pick = lambda x: None if x is None else np.asarray(x)[keep]  # noqa: E731
         prompt = {rid: (pos, tuple(np.asarray(x)[at:at + n] for x in prompt_out))
                   for rid, (pos, at, n) in prompt_rows.items()}
-        return StepResult([sched[i].request_id for i in keep], pick(res.token_ids),
-                          pick(res.logprobs), pick(res.top_logprob_ids), pick(res.top_logprobs),
-                          pick(res.ranks), prompt, failed)
+        return StepResult([ids[i] for i in keep], pick(res.token_ids), pick(res.logprobs),
+                          pick(res.top_logprob_ids), pick(res.top_logprobs), pick(res.ranks),
+                          prompt, failed)
 
     def prepare(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
                 ) -> tuple[StepInputs, dict, dict[str, str]]:
@@ -364,6 +386,8 @@ class ModelRunner:
         import optax
 
         sched = out.scheduled
+        if out.prefill_stage is not None:
+            raise ValueError("teacher forcing runs with prefill_policy='chunked'")
         self._swap(out)
         if not sched:
             return StepResult([], np.zeros(0, np.int32), np.zeros(0, np.float32), None, None,
@@ -411,6 +435,8 @@ class ModelRunner:
     def reset_cache(self):
         """A zeroed KV cache in place of one a failed step may have consumed (it is donated to
         every write): what it held is lost, so its requests must recompute."""
+        if self.layered is not None:
+            self.layered.drop()
         self.kv = jax.tree_util.tree_map(
             lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self.kv)
         if self.summaries is not None:  # empty pages: min +inf, max -inf

@@ -90,18 +90,21 @@ class BatchBuilder:
         return SamplingTensors.from_params(sp, positions, outputs, prompts, self.vocab_size,
                                            pad_to=rows, token_width=self.max_model_len, **kw)
 
-    def prepare(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
-                ) -> tuple[StepInputs, dict, dict[str, str]]:
+    def prepare(self, out: SchedulerOutput, params_of: dict[str, SamplingParams], *,
+                prefill: bool = False) -> tuple[StepInputs, dict, dict[str, str]]:
         """The step as host arrays; {request_id: (first prompt position, first row on T, rows)}
         of the requests that asked for prompt log-probs; and {request_id: why} of requests whose
-        part of the step could not be built.
+        part of the step could not be built. `prefill`: pad to a prefill bucket whatever the
+        entries are (a layered prefill batch).
 
         One request's part must never fail the others: if building the sampling inputs fails,
         each request's part is built alone to find the culprits, whose rows then run greedy with
         nothing banned and no prompt log-probs; their tokens are dropped (`StepResult.failed`)."""
         sched = out.scheduled
         qlens = [s.num_new_tokens for s in sched]
-        b = self.buckets.for_step(sum(qlens), len(sched), all(q == 1 for q in qlens))
+        # prefill: a prefill bucket even for 1-token entries (a layered prefill batch's stages
+        # are compiled for prefill buckets only)
+        b = self.buckets.for_step(sum(qlens), len(sched), not prefill and all(q == 1 for q in qlens))
         md = self.metadata(b, qlens, [s.end_position for s in sched], [s.page_ids for s in sched])
         ids = np.zeros(b.num_tokens, np.int32)
         ids[:sum(qlens)] = [t for s in sched for t in s.token_ids]

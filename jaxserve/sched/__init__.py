@@ -6,6 +6,7 @@
     step.py          SchedulerOutput: one step's batch entries, preemptions and KV swaps
     policies.py      fcfs / priority / fair (VTC): the order the scheduler admits and preempts in
     host_pool.py     HostPool: the bounded host-memory pages that swapped-out KV occupies
+    layered.py       layered prefill: the in-flight prefill batch, one group of layers a step
 """
 
 from jaxserve.sched.host_pool import HostPool
@@ -25,6 +26,7 @@ from jaxserve.sched.request import (
 )
 from jaxserve.sched.scheduler import (
     PREEMPTION_MODES,
+    PREFILL_POLICIES,
     DuplicateRequestError,
     RequestTooLongError,
     Scheduler,
@@ -33,12 +35,14 @@ from jaxserve.sched.scheduler import (
     SchedulerError,
     UnknownRequestError,
 )
-from jaxserve.sched.step import ScheduledRequest, SchedulerOutput, Swap
+from jaxserve.sched.step import PrefillStage, ScheduledRequest, SchedulerOutput, Swap
 
 __all__ = [
     "NULL_PAGE",
     "POLICIES",
     "PREEMPTION_MODES",
+    "PREFILL_POLICIES",
+    "PrefillStage",
     "DuplicateRequestError",
     "FairPolicy",
     "HostPool",

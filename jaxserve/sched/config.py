@@ -6,6 +6,7 @@ from jaxserve.errors import JaxserveError
 from jaxserve.sched.policies import POLICIES
 
 PREEMPTION_MODES = ("recompute", "swap", "auto")
+PREFILL_POLICIES = ("chunked", "layered")
 
 
 class SchedulerConfigError(JaxserveError, ValueError):
@@ -47,6 +48,13 @@ class SchedulerConfig:
     # (both measured by the runner); recompute otherwise.
     swap_seconds_per_page: float = 0.0
     recompute_seconds_per_token: float = 0.0
+    # "chunked": prefill chunks share the decodes' batch; "layered": the prefill batch goes
+    # through one group of layers per step (sched/layered.py), in as many stages as
+    # `prefill_stages` gives its tokens: ((max tokens, stages), ...) ascending, the last
+    # row's stages for anything longer.
+    prefill_policy: str = "chunked"
+    prefill_stages: tuple[tuple[int, int], ...] = ((512, 1), (1024, 2), (2048, 4), (4096, 8),
+                                                   (1 << 62, 16))
 
     def __post_init__(self):
         minimums = {"num_pages": 2, "page_size": 1, "max_num_seqs": 1,
@@ -61,6 +69,13 @@ class SchedulerConfig:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise SchedulerConfigError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
                                        f"got {self.preemption_mode!r}")
+        if self.prefill_policy not in PREFILL_POLICIES:
+            raise SchedulerConfigError(f"prefill_policy must be one of {PREFILL_POLICIES}, "
+                                       f"got {self.prefill_policy!r}")
+        if not self.prefill_stages or any(g < 1 for _, g in self.prefill_stages) or \
+                [t for t, _ in self.prefill_stages] != sorted(t for t, _ in self.prefill_stages):
+            raise SchedulerConfigError(f"prefill_stages must be (max tokens, stages >= 1) rows in "
+                                       f"ascending order, got {self.prefill_stages}")
         if self.num_host_pages < 0:
             raise SchedulerConfigError(f"num_host_pages must be >= 0, got {self.num_host_pages}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -69,6 +84,10 @@ class SchedulerConfig:
                 f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) "
                 f"must be >= max_model_len ({self.max_model_len})"
             )
+
+    def num_prefill_stages(self, num_tokens: int) -> int:
+        """Stages (groups of layers, one per step) of a layered prefill batch of `num_tokens`."""
+        return next((g for t, g in self.prefill_stages if num_tokens <= t), self.prefill_stages[-1][1])
 
     @property
     def max_pages_per_request(self) -> int:

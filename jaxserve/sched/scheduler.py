@@ -27,10 +27,14 @@ cache alone, so every request finishes and no request ever fails for lack of pag
 With prefix caching and a host pool, prefix-cached pages evicted from the device are copied to
 host memory (host_tier.py) and an admission whose prompt continues past its device-cached prefix
 copies the next pages back from there (`swap_in` from tier pages) instead of recomputing them.
+
+With `prefill_policy="layered"` passes 2 and 3 form a prefill batch of their own, which goes
+through one group of layers per step while the decodes go through all of them (layered.py).
 """
 
 from jaxserve.sched.config import (
     PREEMPTION_MODES,
+    PREFILL_POLICIES,
     DuplicateRequestError,
     RequestTooLongError,
     SchedulerConfig,
@@ -40,6 +44,7 @@ from jaxserve.sched.config import (
 )
 from jaxserve.sched.host_pool import HostPool
 from jaxserve.sched.host_tier import HostTier
+from jaxserve.sched.layered import LayeredPrefill
 from jaxserve.sched.page_manager import PageManager
 from jaxserve.sched.policies import make_policy
 from jaxserve.sched.request import (
@@ -50,12 +55,12 @@ from jaxserve.sched.request import (
 )
 from jaxserve.sched.step import ScheduledRequest, SchedulerOutput, StepBuilder, Swap
 
-__all__ = ["PREEMPTION_MODES", "DuplicateRequestError", "RequestTooLongError", "ScheduledRequest",
-           "Scheduler", "SchedulerConfig", "SchedulerConfigError", "SchedulerError",
+__all__ = ["PREEMPTION_MODES", "PREFILL_POLICIES", "DuplicateRequestError", "RequestTooLongError",
+           "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerConfigError", "SchedulerError",
            "SchedulerOutput", "Swap", "UnknownRequestError"]
 
 
-class Scheduler:
+class Scheduler(LayeredPrefill):
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.host_pool = HostPool(config.num_host_pages)
@@ -166,18 +171,23 @@ class Scheduler:
         step = StepBuilder(self.config.max_num_batched_tokens)
         # Iterate over copies: preemption removes requests from _running as we go.
         for request in list(self._running):
-            if request.status is RequestStatus.RUNNING and request.num_tokens_to_compute == 1:
+            if request.status is RequestStatus.RUNNING and request.num_tokens_to_compute == 1 \
+                    and not self._in_prefill(request):
                 self._schedule_running(request, step)
-        for request in list(self._running):
-            if request.status is RequestStatus.RUNNING and request.num_tokens_to_compute > 1:
-                self._schedule_running(request, step)
-        if not step.preempted:
-            self._admit_waiting(step)
+        stage = None
+        if self.config.prefill_policy == "layered":  # prefill by layer groups (layered.py)
+            stage = self._schedule_prefill_stage(step)
+        else:
+            for request in list(self._running):
+                if request.status is RequestStatus.RUNNING and request.num_tokens_to_compute > 1:
+                    self._schedule_running(request, step)
+            if not step.preempted:
+                self._admit_waiting(step)
         if self.host_tier is not None:  # copy evicted prefix pages out before they are written
             device, host = self.host_tier.offload(self.page_manager.take_evicted())
             if device:
                 step.swap_out.append(Swap(None, tuple(device), tuple(host)))
-        self._pending = step.build(tuple(self._host_free + self.host_pool.take_freed()))
+        self._pending = step.build(tuple(self._host_free + self.host_pool.take_freed()), stage)
         self._host_free.clear()
         return self._pending
 
@@ -195,11 +205,12 @@ class Scheduler:
         """
         if output is not self._pending:
             raise SchedulerError("update() takes the output of the latest schedule(), once")
-        live = [e for e in output.scheduled if e.request.status is RequestStatus.RUNNING]
+        live = [e for e in output.completed if e.request.status is RequestStatus.RUNNING]
         for entry in live:  # validate everything before changing anything
             if entry.samples_token and not sampled.get(entry.request_id):
                 raise SchedulerError(f"no sampled token for request {entry.request_id!r}")
         self._pending = None
+        self._prefill_stage_done(output.prefill_stage)
         finished = []
         for entry in live:
             request = entry.request
@@ -242,6 +253,7 @@ class Scheduler:
             request.num_preemptions += 1
             self._waiting.append(request)
         self._running.clear()
+        self._inflight = None
         self.page_manager.forget_cached()
 
     # ---- internals ----------------------------------------------------------------------------
@@ -372,6 +384,7 @@ class Scheduler:
     def _preempt(self, request: Request, step: StepBuilder) -> None:
         """Free every device page; by swap (KV copied to host first) or recompute (tokens kept)."""
         self._running.remove(request)
+        self._leave_prefill(request)
         step.drop(request)
         step.preempted.append(request.request_id)
         request.num_preemptions += 1
@@ -404,6 +417,7 @@ class Scheduler:
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.status is RequestStatus.RUNNING:
             self._running.remove(request)
+            self._leave_prefill(request)
             self._free_pages(request)
         else:
             self._waiting.remove(request)  # waiting, preempted or swapped: holds no device pages

@@ -40,6 +40,28 @@ class Swap:
 
 
 @dataclass(frozen=True)
+class PrefillStage:
+    """One step of a layered prefill batch (sched/layered.py): its entries go through the
+    `stage`-th of `num_stages` contiguous groups of layers. The entries are the same every
+    stage of a batch, less the members preempted or aborted since its first stage (their
+    rows must no longer write their freed pages); the last stage samples as a whole prefill
+    chunk would."""
+
+    batch_id: int  # which batch: stage 0 starts a new one
+    stage: int  # 0 .. num_stages - 1
+    num_stages: int
+    entries: tuple[ScheduledRequest, ...]  # the live members, as scheduled at stage 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_new_tokens for e in self.entries)
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     # Batch order: decodes, then prefill continuations, then admissions.
     scheduled: tuple[ScheduledRequest, ...]
@@ -52,10 +74,21 @@ class SchedulerOutput:
     swap_out: tuple[Swap, ...] = ()
     host_free: tuple[int, ...] = ()  # host pages whose copies nobody reads any more
     swap_in: tuple[Swap, ...] = ()
+    # Layered prefill: the in-flight prefill batch's stage this step (None: none in flight).
+    # `scheduled` then holds the decodes, which go through every layer.
+    prefill_stage: PrefillStage | None = None
 
     @property
     def is_empty(self) -> bool:
-        return not (self.scheduled or self.swap_out or self.host_free or self.swap_in)
+        return not (self.scheduled or self.swap_out or self.host_free or self.swap_in
+                    or self.prefill_stage)
+
+    @property
+    def completed(self) -> tuple[ScheduledRequest, ...]:
+        """Entries whose tokens are computed through every layer when this step ends: the
+        batch, and the prefill batch's entries at its last stage."""
+        stage = self.prefill_stage
+        return self.scheduled + (stage.entries if stage is not None and stage.is_last else ())
 
 
 class StepBuilder:
@@ -68,6 +101,12 @@ class StepBuilder:
         self.admitted: set[str] = set()  # ids admitted by this step (never its victims)
         self.swap_out: list[Swap] = []
         self.swap_in: list[Swap] = []
+        self.decodes: dict[str, ScheduledRequest] | None = None  # layered: see start_prefill
+
+    def start_prefill(self, budget: int) -> None:
+        """Layered prefill: the entries so far (decodes) form the batch that runs every layer;
+        those added from now on form the prefill batch, with a token budget of its own."""
+        self.decodes, self.entries, self.budget = self.entries, {}, budget
 
     def add(self, request: Request, num_new_tokens: int) -> None:
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
@@ -84,12 +123,15 @@ class StepBuilder:
     def drop(self, request: Request) -> None:
         """Take a request preempted later in this step back out of the batch (an older request
         needing its pages in pass 2, a policy that ranks a running one above another)."""
+        if self.decodes is not None and self.decodes.pop(request.request_id, None) is not None:
+            return  # a decode: the prefill batch's budget is its own
         entry = self.entries.pop(request.request_id, None)
         if entry is not None:
             self.budget += entry.num_new_tokens
 
-    def build(self, host_free: tuple[int, ...]) -> SchedulerOutput:
-        scheduled = tuple(self.entries.values())
+    def build(self, host_free: tuple[int, ...], prefill_stage: PrefillStage | None = None,
+              ) -> SchedulerOutput:
+        scheduled = tuple((self.entries if self.decodes is None else self.decodes).values())
         return SchedulerOutput(
             scheduled=scheduled,
             preempted=tuple(self.preempted),
@@ -97,4 +139,5 @@ class StepBuilder:
             swap_out=tuple(self.swap_out),
             host_free=host_free,
             swap_in=tuple(self.swap_in),
+            prefill_stage=prefill_stage,
         )

@@ -99,7 +99,7 @@ class _EngineGauges:
 
 
 def _scheduling_metrics(engine, name: str):
-    """Preemptions by mode and swaps by direction, read from the scheduler and the runner's
+    """Preemptions by mode, layered prefill stages and swaps by direction, read from the scheduler and the runner's
     swapper at scrape time (plain reads of numbers the engine thread only increments)."""
     sched = engine.scheduler
     for metric, doc, value in (
@@ -124,6 +124,11 @@ def _scheduling_metrics(engine, name: str):
                             labels=["model_name", "mode"])
     for mode, n in sched.num_preemptions.items():
         c.add_metric([name, mode], n)
+    yield c
+    c = CounterMetricFamily("jaxserve:layered_prefill_stages",
+                            "Steps of layered prefill batches (one group of layers each).",
+                            labels=["model_name"])
+    c.add_metric([name], sched.num_prefill_stages_run)
     yield c
     swapper = engine.runner.swapper
     stats = swapper.stats if swapper is not None else {}
