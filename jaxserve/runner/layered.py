@@ -35,7 +35,22 @@ from jaxserve.sched import PrefillStage, SchedulerOutput
 # The paper's table (arXiv 2510.08055, 16 stages): <=512 -> 1, <=1024 -> 2, <=2048 -> 4,
 # <=4096 -> 8, else 16.
 PAPER_STAGES = ((512, 1), (1024, 2), (2048, 4), (4096, 8), (1 << 62, 16))
-MEASURED_STAGES = PAPER_STAGES  # replaced by benchmarks/prefill_stages.py's table for this CPU
+# Measured on this machine (2 shared CPU cores, SmolLM2-135M float32; benchmarks/
+# prefill_stages.py): rule: the smallest G in 1, 2, 4, 8, 16 whose stage, full(T) / G, costs
+# at most two decode steps of a batch of 8, so a decode's gap while a prompt is in flight stays
+# within ~3 decode steps. Measured (busy machine, medians):
+#
+#   decode step, batch 8:  273 ms
+#   prompt tokens T        128     256     512     1024     2048
+#   full prefill (ms)     2104    4010    6154    15068    45823
+#   full / decode          7.7    14.7    22.5     55.2    167.8
+#   G by the rule            4       8      16       16       16
+#
+# ~16 ms a prompt token against 273 ms a decode step: a decode step costs what ~18 prompt
+# tokens do here (on a GPU, what ~512 do: both read every weight once, the paper's first
+# row). So the thresholds are the paper's divided by 16: G = T / 35 rounded up to a power
+# of two, from 1 at 32 tokens to the paper's cap of 16 (15 stages of 2 layers for 30 layers).
+MEASURED_STAGES = ((32, 1), (64, 2), (128, 4), (256, 8), (1 << 62, 16))
 
 
 def prefill_stages(num_layers: int, table=None) -> tuple[tuple[int, int], ...]:
@@ -67,13 +82,24 @@ class LayeredPrefillRunner:
     """The ModelRunner's in-flight prefill batch (one at a time) and its stage programs."""
 
     def __init__(self, runner, layer_def, new_kv_sharding, stages: tuple[tuple[int, int], ...]):
-        self.runner, L = runner, runner.config.num_layers
-        self.sizes = sorted({L // g for _, g in stages if g > 1})  # layers per stage program
+        self.runner, self.stages = runner, stages
+        self.sizes = self.sizes_for(runner.engine.max_num_batched_tokens)
         mesh = runner.mesh
         self._stage = jax.jit(lambda group, lkv, h, md: llama.run_layers(
             [layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh),
             out_shardings=(runner._replicated, new_kv_sharding), donate_argnums=(2,))
         self.batch: _Batch | None = None
+
+    def sizes_for(self, num_tokens: int) -> list[int]:
+        """Layers per stage program of the batches a bucket of `num_tokens` tokens can hold
+        (at most that many tokens: the table's rows that start at or below it)."""
+        L, lower = self.runner.config.num_layers, 0
+        sizes = set()
+        for tokens, g in self.stages:
+            if lower < num_tokens and g > 1:
+                sizes.add(L // g)
+            lower = tokens
+        return sorted(sizes)
 
     def drop(self) -> None:
         """Forget the in-flight batch (its members left, or the cache was lost)."""
@@ -81,7 +107,7 @@ class LayeredPrefillRunner:
 
     def warmup(self, b, md, hidden) -> None:
         """Inside Programs.deferred: lower every stage size's programs of prefill bucket b."""
-        for s in self.sizes:
+        for s in self.sizes_for(b.num_tokens):
             self._group(b, 0, s, hidden, md)
 
     def _group(self, b, first: int, s: int, hidden, md):
