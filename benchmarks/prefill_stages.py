@@ -5,9 +5,9 @@ one decode step of the decode batch, decode(R). A stage of a batch in G stages c
 full(T) / G (it runs L / G of the layers), and every step with a stage in flight runs the
 decodes too, so a decode's gap between tokens is about decode(R) + full(T) / G, and the batch's
 first token comes after about full(T) + G * decode(R). The table picks, per T, the smallest G
-in 1, 2, 4, 8, 16 with full(T) / G <= target, target = `--decode-steps` decode steps (the
-paper's table is this rule on a GPU, where a 512-token prefill step costs about what a decode
-step does: both read every weight once).
+in 1, 2, 4, 8, 16 with full(T) / G <= target, target = `--decode-steps` decode steps (default
+one: the paper's table is this rule on a GPU, where a 512-token prefill step costs about what
+a decode step does, both reading every weight once).
 
     PYTHONPATH=. python benchmarks/prefill_stages.py              # ~2 minutes on a 2-core CPU
 """
@@ -34,7 +34,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", default="128,256,512,1024,2048")
     p.add_argument("--decode-batch", type=int, default=8)
-    p.add_argument("--decode-steps", type=float, default=2.0,
+    p.add_argument("--decode-steps", type=float, default=1.0,
                    help="a stage may cost this many decode steps")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()

@@ -94,7 +94,8 @@ def test_layered_outputs_equal_chunked(chunked, layered):
                 [d[t].logprob for d, t in zip(a.prompt_logprobs[1:], ps[4][1:])],
                 [d[t].logprob for d, t in zip(b.prompt_logprobs[1:], ps[4][1:])], rtol=1e-4, atol=1e-5)
     stages = {r.prefill_stage for r in engine.step_records if r.prefill_stage}
-    assert {(0, 4), (3, 4), (0, 2), (1, 2), (0, 1)} <= stages  # 150 tokens: chunks of 64 layered
+    assert {(0, 4), (3, 4), (0, 2), (1, 2)} <= stages  # 150 tokens: chunks of 64 layered
+    assert not any(g == 1 for _, g in stages)  # one-stage batches joined the decodes' batch
     assert engine.scheduler.num_prefill_stages_run - stages_before == sum(
         r.prefill_stage is not None for r in engine.step_records)
     assert f'jaxserve:layered_prefill_stages_total{{model_name="m"}} ' \

@@ -67,8 +67,8 @@ class LayeredFakeRunner:
     def execute(self, out):
         self.swap(out)
         sampled = {}
-        for e in out.scheduled:
-            assert e.num_new_tokens == 1  # layered: only decodes run through every layer
+        for e in out.scheduled:  # decodes, or a prefill batch of one stage joined to them
+            assert e.num_new_tokens == 1 or out.prefill_stage is None
             self._write(e, range(LAYERS))
         for e in out.scheduled:
             if e.samples_token:
@@ -145,13 +145,26 @@ def test_new_prefills_wait_until_none_is_in_flight():
     out = sched.schedule()
     sched.update(out, runner.execute(out))
     sched.add_request(Request("b", [5, 6, 7], max_tokens=2))
+    sched.add_request(Request("c", [5, 6, 7, 8, 9], max_tokens=2))
     seen = []
-    while sched.get_request("b").status is RequestStatus.WAITING:
+    while sched.get_request("c").status is RequestStatus.WAITING:
         out = sched.schedule()
-        seen.append((out.prefill_stage.stage, [e.request_id for e in out.prefill_stage.entries]))
+        stage = out.prefill_stage
+        seen.append((stage.stage, [e.request_id for e in stage.entries]))
         sched.update(out, runner.execute(out))
-    # b is admitted only after a's batch ran its 4 stages, into a batch of its own
-    assert seen == [(1, ["a"]), (2, ["a"]), (3, ["a"]), (0, ["b"])]
+    # b and c are admitted only after a's batch ran its 4 stages, into a batch of their own
+    assert seen == [(1, ["a"]), (2, ["a"]), (3, ["a"]), (0, ["b", "c"])]
+
+
+def test_a_one_stage_batch_joins_the_decodes():
+    sched, runner = make()
+    sched.add_request(Request("a", [1, 2], max_tokens=5))
+    out = sched.schedule()  # 2 tokens: one stage, in the ordinary batch
+    assert out.prefill_stage is None and [e.num_new_tokens for e in out.scheduled] == [2]
+    sched.update(out, runner.execute(out))
+    sched.add_request(Request("b", [3, 4, 5], max_tokens=2))
+    out = sched.schedule()
+    assert out.prefill_stage is None and [e.num_new_tokens for e in out.scheduled] == [1, 3]
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])

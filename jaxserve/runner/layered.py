@@ -36,21 +36,21 @@ from jaxserve.sched import PrefillStage, SchedulerOutput
 # <=4096 -> 8, else 16.
 PAPER_STAGES = ((512, 1), (1024, 2), (2048, 4), (4096, 8), (1 << 62, 16))
 # Measured on this machine (2 shared CPU cores, SmolLM2-135M float32; benchmarks/
-# prefill_stages.py): rule: the smallest G in 1, 2, 4, 8, 16 whose stage, full(T) / G, costs
-# at most two decode steps of a batch of 8, so a decode's gap while a prompt is in flight stays
-# within ~3 decode steps. Measured (busy machine, medians):
+# prefill_stages.py). The rule, the paper's: the smallest G in 1, 2, 4, 8, 16 whose stage,
+# full(T) / G, costs at most one decode step (on a GPU a 512-token prefill step costs about
+# what a decode step does, both reading every weight once: the paper's first row). Medians on
+# a busy machine:
 #
 #   decode step, batch 8:  273 ms
 #   prompt tokens T        128     256     512     1024     2048
 #   full prefill (ms)     2104    4010    6154    15068    45823
 #   full / decode          7.7    14.7    22.5     55.2    167.8
-#   G by the rule            4       8      16       16       16
 #
 # ~16 ms a prompt token against 273 ms a decode step: a decode step costs what ~18 prompt
-# tokens do here (on a GPU, what ~512 do: both read every weight once, the paper's first
-# row). So the thresholds are the paper's divided by 16: G = T / 35 rounded up to a power
-# of two, from 1 at 32 tokens to the paper's cap of 16 (15 stages of 2 layers for 30 layers).
-MEASURED_STAGES = ((32, 1), (64, 2), (128, 4), (256, 8), (1 << 62, 16))
+# tokens do here, against ~512 on a GPU. So the thresholds are the paper's divided by 32:
+# G = T / 18 rounded up to a power of two, up to the paper's cap of 16 (for 30 layers:
+# 1, 2, 5, 10, 15 stages). A batch of one stage joins the decodes' batch (sched/layered.py).
+MEASURED_STAGES = ((16, 1), (32, 2), (64, 4), (128, 8), (1 << 62, 16))
 
 
 def prefill_stages(num_layers: int, table=None) -> tuple[tuple[int, int], ...]:

@@ -10,8 +10,11 @@ their pace (chunked prefill instead runs every chunk through all layers in the d
 A batch is formed only when none is in flight: the running requests' remaining prompt chunks,
 then admissions, under a token budget of its own (`max_num_batched_tokens`; a longer prompt is
 chunked and each chunk goes through the G groups in turn). G comes from the batch's tokens
-(`SchedulerConfig.prefill_stages`, measured: runner/layered.py). The batch's pages are allocated
-when it forms; its `num_computed_tokens` advance only after its last stage, when it samples.
+(`SchedulerConfig.prefill_stages`, measured: runner/layered.py); a batch of one stage that fits
+the budget beside the decodes joins their batch instead (one mixed batch, as chunked prefill
+runs it: two batches would read every weight twice in that step). The batch's pages are
+allocated when it forms; its `num_computed_tokens` advance only after its last stage, when it
+samples.
 
 A member preempted or aborted mid-batch leaves it at once (its pages are freed; the later
 stages' `PrefillStage.entries` no longer list it, so the runner stops writing its rows). Its
@@ -62,10 +65,13 @@ class LayeredPrefill:
                 self._admit_waiting(step)
             if not step.entries:
                 return None
-            self._num_prefill_batches += 1
             tokens = sum(e.num_new_tokens for e in step.entries.values())
-            f = self._inflight = InFlightPrefill(self._num_prefill_batches,
-                                                 self.config.num_prefill_stages(tokens), 0,
+            num_stages = self.config.num_prefill_stages(tokens)
+            if num_stages == 1 and tokens + len(step.decodes) <= self.config.max_num_batched_tokens:
+                step.merge_prefill()  # one stage: a mixed batch with the decodes, as chunked
+                return None
+            self._num_prefill_batches += 1
+            f = self._inflight = InFlightPrefill(self._num_prefill_batches, num_stages, 0,
                                                  dict(step.entries))
         self.num_prefill_stages_run += 1
         return PrefillStage(f.batch_id, f.stage, f.num_stages, tuple(f.entries.values()))

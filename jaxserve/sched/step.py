@@ -108,6 +108,11 @@ class StepBuilder:
         those added from now on form the prefill batch, with a token budget of its own."""
         self.decodes, self.entries, self.budget = self.entries, {}, budget
 
+    def merge_prefill(self) -> None:
+        """Layered prefill of one stage: the prefill batch joins the decodes' batch (every
+        layer, one step), as a chunked prefill would."""
+        self.entries, self.decodes = {**self.decodes, **self.entries}, None
+
     def add(self, request: Request, num_new_tokens: int) -> None:
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
         self.entries[request.request_id] = ScheduledRequest(
