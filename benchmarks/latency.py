@@ -10,7 +10,8 @@ Scenarios (one engine each, same model, same seeded load):
   chunked        fcfs, recompute, a cache that holds the whole load (the baseline)
   layered        the same with prefill_policy="layered": a prefill batch goes through one group
                  of layers per step (G from runner/layered.py's measured table) while the
-                 decodes run every layer
+                 decodes run every layer. chunked and layered run alternately, --prefill-rounds
+                 times each (medians): the shared machine's load drifts between runs
   storm/recompute, storm/swap   the cache sized to a quarter of the load's KV: preemption storm
   flood/fcfs, flood/fair        client "flood" queues --flood requests at t=0, client "calm" sends
                                 Poisson arrivals; calm's TTFT and both clients' service
@@ -97,6 +98,35 @@ def summarize(name: str, engine, done: dict, seconds: float) -> dict:
     return row
 
 
+def prefill_rounds(a, scenarios, ckpt, tokenizer, records) -> list[dict]:
+    """chunked and layered, alternating over `--prefill-rounds` rounds (A B, B A, ...), each
+    metric the median of its rounds: on a machine shared with other jobs the load drifts over
+    minutes, and two runs one after the other compare the machine as much as the policies.
+    Round r's load is drawn with seed + r (the same for both policies; new prompts, so the
+    prefix cache does not serve a round from the one before)."""
+    from jaxserve.engine import Engine
+
+    engines = {name: Engine.from_components(scenarios[name][0], ckpt.model, tokenizer)
+               for name in ("chunked", "layered")}
+    got = {name: [] for name in engines}
+    for r in range(a.prefill_rounds):
+        load = make_load(a, np.random.default_rng(a.seed + r))
+        for name in (("chunked", "layered") if r % 2 == 0 else ("layered", "chunked")):
+            engine = engines[name]
+            engine.step_records.clear()
+            done, seconds = drive(engine, load)
+            got[name].append(summarize(name, engine, done, seconds))
+            records[name] = list(engine.step_records)
+            print(f"{name} round {r + 1}: {seconds:.1f} s", flush=True)
+    rows = []
+    for name, runs in got.items():
+        row = {k: (float(np.median([x[k] for x in runs])) if isinstance(v, float) else v)
+               for k, v in runs[0].items()}
+        row["scenario"] = f"{name} (median of {len(runs)})"
+        rows.append(row)
+    return rows
+
+
 def print_table(rows: list[dict]):
     cols = ["scenario", "ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99", "tok_s", "preempted",
             "swaps", "swap_mb", "calm_ttft_p99", "calm_share"]
@@ -124,6 +154,8 @@ def main():
     p.add_argument("--scenarios",
                    default="chunked,layered,storm/recompute,storm/swap,flood/fcfs,flood/fair")
     p.add_argument("--plot", default=None, help="save the swap storm's step timeline here")
+    p.add_argument("--prefill-rounds", type=int, default=3,
+                   help="rounds of chunked and layered, alternating (medians reported)")
     a = p.parse_args()
 
     import jax.numpy as jnp
@@ -156,7 +188,11 @@ def main():
     }
     rows, records = [], {}
     print(f"load: {len(load)} requests, {need} KV pages in all; storm cache {storm_pages} pages")
-    for name in a.scenarios.split(","):
+    names = a.scenarios.split(",")
+    if {"chunked", "layered"} <= set(names) and a.prefill_rounds > 1:
+        rows += prefill_rounds(a, scenarios, ckpt, tokenizer, records)
+        names = [n for n in names if n not in ("chunked", "layered")]
+    for name in names:
         config, work = scenarios[name]
         work = work if work is not None else flood_load(a, np.random.default_rng(a.seed))
         engine = Engine.from_components(config, ckpt.model, tokenizer)
