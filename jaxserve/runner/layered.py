@@ -11,8 +11,9 @@ batch (every layer, sampled as usual), one group of layers of the prefill batch:
 
 with s = L / G layers per stage. `hidden` ([T, D], T the batch's token bucket) stays on device
 between steps and is donated into the next stage's program, so it is updated in place; each
-stage writes its own layers' K/V, so a batch's K/V is complete when its last stage ran. One
-batch of G = 1 runs the ordinary all-layer programs in one step. A member that left the batch
+stage writes its own layers' K/V, so a batch's K/V is complete when its last stage ran. A
+batch of G = 1 usually joins the decodes' batch (sched/layered.py); one that does not fit the
+budget beside them runs the ordinary all-layer programs as a batch of its own, in one step. A member that left the batch
 (preempted, aborted) has its rows' cache slots pointed at the padding page 0 before the next
 stage, so its freed pages, which another request may hold by now, are never written again.
 
