@@ -134,8 +134,9 @@ def pack(inputs: StepInputs) -> bytes:
     if inputs.prompt_targets is not None:
         arrays["prompt_targets"] = inputs.prompt_targets
     if inputs.selection is not None:  # sparse attention's kept choices (runner/selection.py)
-        arrays.update({f"selection.{f.name}": getattr(inputs.selection, f.name)
-                       for f in dataclasses.fields(SelectionInputs)})
+        arrays.update({"selection.slots": inputs.selection.slots,
+                       "selection.since": inputs.selection.since})
+        static["selection_refresh"] = bool(inputs.selection.refresh)
     arrays["static"] = np.frombuffer(json.dumps(static).encode(), np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -152,8 +153,8 @@ def unpack(payload: bytes) -> StepInputs:
         parts[prefix] = cls(**{n: arrays[f"{prefix}.{n}"] for n in names}, **static[prefix])
     selection = None
     if "selection.slots" in arrays:
-        selection = SelectionInputs(**{f.name: arrays[f"selection.{f.name}"]
-                                       for f in dataclasses.fields(SelectionInputs)})
+        selection = SelectionInputs(arrays["selection.slots"], arrays["selection.since"],
+                                    static["selection_refresh"])
     return StepInputs(Bucket(*static["bucket"]), arrays["token_ids"], parts["md"],
                       arrays["logits_indices"], parts["sampling"], arrays["banned"],
                       static["num_logprobs"], arrays.get("prompt_targets"), selection)

@@ -96,4 +96,5 @@ def test_step_inputs_carry_the_selection_across_processes():
     got = unpack(pack(StepInputs(b, ids, md, li, t, ban, n, None, sel)))
     for x, y in zip(got.selection.arrays(), sel.arrays(), strict=True):
         np.testing.assert_array_equal(x, y)
+    assert got.selection.refresh is True
     assert unpack(pack(StepInputs(b, ids, md, li, t, ban, n, None))).selection is None

@@ -157,10 +157,10 @@ def test_reuse_reads_the_kept_pages_and_every_newer_one():
     since = np.array([20, 10, 29, 0, 0], np.int32)  # pages each request had when it chose
     f = jax.jit(lambda refresh, kept, *a: ragged_paged_attention(
         *a, md, sm_scale=SCALE, summaries=summ, sparse=cfg,
-        reuse=sparse.SelectionReuse(kept, jnp.asarray(since), refresh)))
+        reuse=sparse.SelectionReuse(kept, jnp.asarray(since), refresh)), static_argnums=0)
     fresh = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=SCALE, summaries=summ,
                                                       sparse=cfg))(q, kc, vc, kn, vn)
-    out, chosen = f(jnp.bool_(True), kept, q, kc, vc, kn, vn)
+    out, chosen = f(True, kept, q, kc, vc, kn, vn)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(fresh))
     chosen = np.asarray(chosen)
     for i, kv in enumerate(kv_lens):
@@ -176,7 +176,7 @@ def test_reuse_reads_the_kept_pages_and_every_newer_one():
         for j, page in enumerate(table):
             if j not in pages:
                 poisoned_k[page], poisoned_v[page] = np.nan, np.nan
-    out, chosen = f(jnp.bool_(False), kept, q, poisoned_k, poisoned_v, kn, vn)
+    out, chosen = f(False, kept, q, poisoned_k, poisoned_v, kn, vn)
     for i, kv in enumerate(kv_lens):
         assert sorted(np.flatnonzero(np.asarray(chosen)[i])) == want[i]
         np.testing.assert_allclose(np.asarray(out)[i], attend_oracle(q[i], keys[i], values[i], kv,

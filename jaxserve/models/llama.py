@@ -251,7 +251,8 @@ def run_layers(layers: Sequence[DecoderLayer], kv: KVCache, hidden, md: Attentio
     summaries: these layers' key summaries (per layer [P, 2, K, E]) when `sparse` is set;
     dense_layers: [layers] bool, true for the layers that attend densely even so (traced, so
     one program serves every group). selections: sparse attention's kept choices
-    (runner/selection.py: per layer [M, W] bool, and slots [R], since [R], refresh []); then the
+    (runner/selection.py: per layer [M, W] bool, slots [R], since [R], and refresh: a static
+    bool); then the
     result is (hidden, new_kv, chosen per layer [R, W] bool)."""
     cos, sin = rope(md.positions, layers[0].attn.config)
     new_kv, chosen = [], []

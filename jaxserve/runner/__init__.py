@@ -120,10 +120,11 @@ class ModelRunner:
 
         self._embed = jax.jit(lambda leaves, ids: embed_def.merge(leaves)(ids), out_shardings=rep)
         # (hidden, new K/V, chosen pages: () unless sparse attention keeps its choices)
-        self._layers = jax.jit(lambda group, lkv, h, md, summ, dense, sel, sparse: (llama.run_layers(
-            [layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh, summaries=summ,
-            sparse=sparse, dense_layers=dense, selections=sel) + ((),))[:3],
-            out_shardings=(rep, new_kv_sharding, rep), static_argnames=("sparse",))
+        self._layers = jax.jit(lambda group, lkv, h, md, summ, dense, sel, sparse, refresh: (
+            llama.run_layers([layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh,
+                             summaries=summ, sparse=sparse, dense_layers=dense,
+                             selections=None if sel is None else (*sel, refresh)) + ((),))[:3],
+            out_shardings=(rep, new_kv_sharding, rep), static_argnames=("sparse", "refresh"))
         self._write_selections = jax.jit(write_masks, donate_argnums=(0,), out_shardings=rep)
         self.selections, self.selection_cache = None, None
         self._keep_selections(engine.sparse_attention)
@@ -201,30 +202,32 @@ class ModelRunner:
 
     def _forward(self, b: Bucket, ids, md, logits_indices, selection=None):
         """All layers over one padded batch: (logits [R, V], new_kv per layer, hidden [T, D]).
-        selection: a decode step's (slots, since, refresh) of the kept page choices
-        (selection.py) when sparse attention reuses them; None: a step of padding only."""
+        selection: a decode step's SelectionInputs (selection.py) when sparse attention reuses
+        its choices; None: a step of padding only."""
         el, hl = self._embed_leaves, self._head_leaves
         hidden = self._program(("embed", b.num_tokens), self._embed, el, ids)(el, ids)
         g, new_kv, chosen = self.layers_per_program, [], []
         # sparse attention changes only decode-only buckets: prefill programs stay as they are
         sparse = self.sparse_attention if b.query_block == 1 else None
         reuse = sparse is not None and self.selection_cache is not None
-        if reuse and selection is None:
-            selection = self._inputs(self.selection_cache.dummy(b.num_requests).arrays())
+        if reuse:
+            selection = selection or self.selection_cache.dummy(b.num_requests)
+            refresh, arrays = selection.refresh, self._inputs(selection.arrays())
         for first in range(0, self.config.num_layers, g):
             group, lkv = tuple(self._layer_leaves[first:first + g]), self.kv[first:first + g]
             summ, dense = None, None
             if sparse is not None:  # which layers of the group stay dense: data, not a program
                 summ = self.summaries[first:first + g]
                 dense = self._put(np.arange(first, first + g) < sparse.dense_layers)
-            sel = (self.selections[first:first + g], *selection) if reuse else None
-            args = (group, lkv, hidden, md, summ, dense, sel)
-            hidden, group_kv, group_chosen = self._program(("layers", b, sparse), self._layers,
-                                                           *args, sparse=sparse)(*args)
+            sel = (self.selections[first:first + g], *arrays) if reuse else None
+            args, static = (group, lkv, hidden, md, summ, dense, sel), dict(
+                sparse=sparse, refresh=refresh if reuse else None)
+            hidden, group_kv, group_chosen = self._program(("layers", b, *static.values()),
+                                                           self._layers, *args, **static)(*args)
             new_kv.extend(group_kv)
             chosen.extend(group_chosen)
         if reuse:
-            args = (self.selections, tuple(chosen), selection[0])
+            args = (self.selections, tuple(chosen), arrays[0])
             self.selections = self._program(("write_selections", b.num_requests),
                                             self._write_selections, *args)(*args)
         logits = self._program(("head", b.num_tokens, b.num_requests), self._head,
@@ -247,6 +250,9 @@ class ModelRunner:
                     ids, md, li = self._dummy_batch(b)
                     logits, new_kv, hidden = self._forward(b, ids, md, li)
                     self._write_kv(b, new_kv, md.slot_mapping)
+                    if b.query_block == 1 and self.selection_cache is not None:  # reusing too
+                        self._forward(b, ids, md, li, self.selection_cache.dummy(
+                            b.num_requests, refresh=False))
                     if b.query_block > 1:
                         self._prompt_logprobs_of(b, hidden, np.zeros(b.num_tokens, np.int32))
                         if self.layered is not None:
@@ -400,7 +406,7 @@ class ModelRunner:
         targets[keep] = [next_tokens[sched[i].request_id] for i in keep]
         b = inputs.bucket
         ids, md, li, t = self._put((inputs.token_ids, inputs.md, inputs.logits_indices, targets))
-        logits, new_kv, _ = self._forward(b, ids, md, li, self._selection_of(inputs))
+        logits, new_kv, _ = self._forward(b, ids, md, li, inputs.selection)
         self._write_kv(b, new_kv, md.slot_mapping)
         ce_program = jax.jit(optax.losses.softmax_cross_entropy_with_integer_labels,
                              out_shardings=self._replicated)
@@ -415,17 +421,13 @@ class ModelRunner:
         b = inputs.bucket
         ids, md, li, tensors, ban = self._inputs((inputs.token_ids, inputs.md, inputs.logits_indices,
                                                   inputs.sampling, inputs.banned))
-        logits, new_kv, hidden = self._forward(b, ids, md, li, self._selection_of(inputs))
+        logits, new_kv, hidden = self._forward(b, ids, md, li, inputs.selection)
         self._write_kv(b, new_kv, md.slot_mapping)
         res: SamplerOutput = self._run_sampler(logits, tensors, ban, inputs.num_logprobs)
         prompt_out = None
         if inputs.prompt_targets is not None:
             prompt_out = self._prompt_logprobs_of(b, hidden, inputs.prompt_targets)
         return res, prompt_out
-
-    def _selection_of(self, inputs: StepInputs):
-        s = inputs.selection
-        return None if s is None else self._inputs(s.arrays())
 
     def _prompt_logprobs_of(self, b: Bucket, hidden, targets):
         targets, hl, el = self._inputs(targets), self._head_leaves, self._embed_leaves

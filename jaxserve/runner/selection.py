@@ -6,13 +6,14 @@ decode step passes each batch row's row m (`slots`), the pages it had when it ch
 whether this step chooses afresh (`refresh`), and the step's chosen masks are written back
 (`write_selections`, the masks donated).
 
-`SelectionCache` is the bookkeeping, host only: which row each request holds and whether its
+Warmup compiles both programs of each decode bucket, the one that chooses and the one that
+reuses (`SelectionCache.dummy`). `SelectionCache` is the bookkeeping, host only: which row each request holds and whether its
 mask is still good. A step refreshes (every request chooses afresh) when any request in it has
 no good mask: it is new here, its row was given to another request, its pages changed since it
 chose (recomputed after a preemption, swapped back in: any other page table), the Request
 object is another one under the same id, or it chose reuse_steps or more tokens ago. One
-scalar for the whole step, so that a step that reuses skips the scoring for every request
-(`lax.cond`): after a refresh all requests run in phase. The masks hold page-table positions,
+scalar for the whole step, so that a step that reuses skips the scoring for every request (it
+runs the reusing program): after a refresh all requests run in phase. The masks hold page-table positions,
 never page ids, so a mask read in error could only choose among the request's own pages; the
 checks above make sure none is read in error.
 """
@@ -39,10 +40,11 @@ class SelectionInputs:
 
     slots: np.ndarray  # [R] int32 row of each batch row's kept mask (M: padding)
     since: np.ndarray  # [R] int32 pages each request had when it chose
-    refresh: np.ndarray  # [] bool every request chooses afresh
+    refresh: bool  # every request chooses afresh (static: the programs that choose and that
+    #                reuse are two, compiled in warmup)
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.slots, self.since, self.refresh
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.slots, self.since
 
 
 class SelectionCache:
@@ -81,12 +83,12 @@ class SelectionCache:
         for i, s in enumerate(scheduled):
             k = self.kept[s.request_id]
             slots[i], since[i] = k.slot, len(k.pages)
-        return SelectionInputs(slots, since, np.asarray(refresh))
+        return SelectionInputs(slots, since, refresh)
 
-    def dummy(self, num_rows: int) -> SelectionInputs:
-        """Inputs of a warmup or check step: padding rows only, choosing afresh."""
+    def dummy(self, num_rows: int, refresh: bool = True) -> SelectionInputs:
+        """Inputs of a warmup or check step: padding rows only."""
         return SelectionInputs(np.full(num_rows, self.num_slots, np.int32),
-                               np.zeros(num_rows, np.int32), np.asarray(True))
+                               np.zeros(num_rows, np.int32), refresh)
 
 
 def init_masks(num_layers: int, num_slots: int, width: int):
