@@ -197,16 +197,52 @@ def test_dense_layer_flag_reads_every_page():
     assert not np.array_equal(np.asarray(f(jnp.bool_(False), *args)), np.asarray(dense))
 
 
-def test_prefill_steps_stay_dense():
+def test_mixed_step_decodes_sparse_prefill_dense():
+    """A step mixing decodes with a prefill chunk: the decodes read their chosen pages (NaN in
+    every other page of theirs), the chunk reads every page, as dense attention does."""
     rng = np.random.default_rng(4)
-    md, q, kc, vc, kn, vn, _, _, tables = decode_batch(rng, [50, 70])
-    md = dataclasses.replace(md, decode_only=False)  # same batch through the general path
-    summ = summaries_of(kc, tables, [50, 70])
-    q, kc, vc, kn, vn = (jnp.asarray(x) for x in (q, kc, vc, kn, vn))
-    cfg = SparseAttentionConfig(budget_tokens=8, min_context=0)
-    dense = ragged_paged_attention(q, kc, vc, kn, vn, md, sm_scale=SCALE)
-    out = ragged_paged_attention(q, kc, vc, kn, vn, md, sm_scale=SCALE, summaries=summ, sparse=cfg)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(dense))
+    cfg = SparseAttentionConfig(budget_tokens=16, sink_tokens=4, window_tokens=4, min_context=0)
+    kv_lens, q_lens = [93, 60, 121], [1, 12, 1]  # the middle request prefills 12 tokens
+    perm = rng.permutation(np.arange(1, 100))
+    tables = [perm[:24].tolist(), perm[24:39].tolist(), perm[39:70].tolist()]
+    t = sum(q_lens) + 3
+    md = build_metadata(query_lens=q_lens, kv_lens=kv_lens, page_tables=tables, page_size=S,
+                        num_tokens=t, num_requests=5, num_pages_per_request=34, num_blocks=9,
+                        query_block=4)
+    kc = np.full((100, S, KH, E), np.nan, np.float32)
+    vc = kc.copy()
+    kn, vn = np.zeros((t, KH, E), np.float32), np.zeros((t, KH, E), np.float32)
+    keys = [rng.standard_normal((kv, KH, E)).astype(np.float32) * rng.uniform(0.2, 3, (kv, 1, 1))
+            for kv in kv_lens]
+    values = [rng.standard_normal((kv, KH, E)).astype(np.float32) for kv in kv_lens]
+    start = 0
+    for table, kv, ql, k, v in zip(tables, kv_lens, q_lens, keys, values):
+        for pos in range(kv - ql):
+            kc[table[pos // S], pos % S], vc[table[pos // S], pos % S] = k[pos], v[pos]
+        kn[start:start + ql], vn[start:start + ql] = k[kv - ql:], v[kv - ql:]
+        start += ql
+    q = rng.standard_normal((t, KH * G, E)).astype(np.float32)
+    lengths = np.zeros(100, np.int64)
+    for table, kv, ql in zip(tables, kv_lens, q_lens):
+        for j, page in enumerate(table):
+            lengths[page] = max(0, min(S, kv - ql - j * S))
+    summ = sparse.ref_page_summaries(np.nan_to_num(kc), lengths)
+    dense = ragged_paged_attention(*(jnp.asarray(np.nan_to_num(x)) for x in (q, kc, vc)),
+                                   jnp.asarray(kn), jnp.asarray(vn), md, sm_scale=SCALE)
+    decodes = {0: 0, 2: 13}  # request -> its token on T
+    chosen = {r: oracle_chosen(q[tok], keys[r], kv_lens[r], cfg) for r, tok in decodes.items()}
+    assert all(len(c) < -(-kv_lens[r] // S) for r, c in chosen.items()), "nothing was left out"
+    for r, pages in chosen.items():
+        for j, page in enumerate(tables[r]):
+            if j not in pages:
+                kc[page], vc[page] = np.nan, np.nan
+    out = np.asarray(jax.jit(lambda *a: ragged_paged_attention(
+        *a, md, sm_scale=SCALE, summaries=summ, sparse=cfg))(q, kc, vc, kn, vn))
+    for r, tok in decodes.items():
+        np.testing.assert_allclose(out[tok], attend_oracle(q[tok], keys[r], values[r], kv_lens[r],
+                                                           chosen[r]), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[1:13], np.asarray(dense)[1:13], atol=1e-5, rtol=1e-5)
+    assert np.all(out[14:] == 0)
 
 
 def test_write_summaries_tracks_pages_through_reuse():

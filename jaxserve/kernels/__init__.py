@@ -95,19 +95,19 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
     kernel on another backend needs interpret=True (Pallas interpret mode, slow, for tests).
     mesh: heads and KV heads split over its "tensor" axis; each device runs the chosen
     implementation on its shard (K divides by the axis size: parallel.py makes sure of it).
-    sparse, summaries: in a decode-only step, read only the pages chosen from the key
-    summaries (per layer [P, 2, K, E], sparse.py); other steps ignore them. dense_layer: a
+    sparse, summaries: decodes read only the pages chosen from the key summaries (per layer
+    [P, 2, K, E], sparse.py); prefill chunks read every page. dense_layer: a
     traced bool, true where this layer keeps every page (one program serves all layers).
     reuse: this layer's kept choice of pages (sparse.SelectionReuse, decode-only steps): then
     the result is (out, chosen [R, W] bool), the page-table slots this step read."""
     if sparse is not None and sliding_window is not None:
         raise ValueError("sparse attention does not support sliding-window attention")
-    if reuse is not None and not (sparse is not None and md.decode_only):
+    if reuse is not None and not (sparse is not None and md.decode_only):  # kept: decode steps
         raise ValueError("reuse= is for the decode-only steps of sparse attention")
     if _is_sharded(mesh):
         def local(q, k_cache, v_cache, k_new, v_new, md, summaries, dense_layer, reuse):
             chosen = None
-            if sparse is not None and md.decode_only:
+            if sparse is not None:
                 md, chosen = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl,
                                               interpret, dense_layer, reuse, axis_name=TENSOR)
             out = ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
@@ -120,7 +120,7 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs,
                              check_vma=False)(q, k_cache, v_cache, k_new, v_new, md,
                                               summaries if sparse else None, dense_layer, reuse)
-    if sparse is not None and md.decode_only:
+    if sparse is not None:
         md, chosen = _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpret,
                                       dense_layer, reuse)
         if reuse is not None:
@@ -166,9 +166,12 @@ def _sparse_metadata(q, k_cache, summaries, md, sparse, sm_scale, impl, interpre
         scores = importlib.import_module(f"jaxserve.kernels.{kind}_sparse_scores")
         if scores.unsupported_reason(qs.shape, summaries.shape, md.page_table.shape[1]) is None:
             votes_fn = functools.partial(scores.page_votes, interpret=interpret)
+    dense_rows = None
+    if not md.decode_only:  # a step mixing decodes with prefill chunks: the chunks stay dense
+        dense_rows = md.query_start[1:] - md.query_start[:-1] != 1
     return _sparse.select_pages(qs, summaries, md, config=sparse, sm_scale=sm_scale,
                                 page_size=k_cache.shape[1], axis_name=axis_name, votes_fn=votes_fn,
-                                dense=dense_layer, reuse=reuse)
+                                dense=dense_layer, reuse=reuse, dense_rows=dense_rows)
 
 
 __all__ = ["AttentionMetadata", "IMPLS", "KERNELS", "backend_of", "build_metadata", "kernel_module",

@@ -125,7 +125,9 @@ def ref_ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionM
         if sliding_window is not None:  # chunks wholly before every query's window are skipped
             lowest = jnp.min(jnp.where(q_valid, q_pos, jnp.iinfo(jnp.int32).max))
             first = jnp.clip((lowest - sliding_window + 1) // (cp * s), 0, num_chunks)
-        needed = (jnp.max(q_pos) + cp * s) // (cp * s)  # chunks up to the last query position
+        # chunks up to the last query position, or the (compacted, sparse.py) context's end
+        last = jnp.max(jnp.minimum(jnp.max(q_pos, axis=1) + 1, kv_len))
+        needed = (last + cp * s - 1) // (cp * s)
         _, l, acc = jax.lax.fori_loop(first, jnp.minimum(needed, num_chunks), chunk, init)
         res = acc / jnp.where(l == 0, 1, l)[..., None]  # padding rows: all zero
         res = res.transpose(0, 3, 1, 2, 4).reshape(nb * qb, h, e)  # [nb * Qb, H, E]

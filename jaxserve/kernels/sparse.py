@@ -6,7 +6,8 @@ max (`summaries`, per layer `[P, 2, K, E]` float32: index 0 the min, 1 the max),
 pages shared by prefix caching share their summaries, and a tensor-parallel mesh splits them on
 K like the cache.
 
-At a decode-only step each layer chooses, per request, the pages to read:
+At a decode step each layer chooses, per request, the pages to read (in a step that mixes
+decodes with prefill chunks, for the decodes only: the chunks read every page):
 
 1. Score (Quest, arXiv 2406.10774): for query head h and page p, `sum_e max(q_e kmin_e,
    q_e kmax_e)` bounds q . k from above for every key k of the page.
@@ -166,13 +167,14 @@ def budget_pages(config: SparseAttentionConfig, num_pages, page_size: int):
 
 def select_pages(qs, summaries, md: AttentionMetadata, *, config: SparseAttentionConfig,
                  sm_scale: float, page_size: int, axis_name=None, votes_fn=None, dense=None,
-                 reuse: SelectionReuse | None = None):
+                 reuse: SelectionReuse | None = None, dense_rows=None):
     """The decode-only step's metadata with each request's page table compacted to its chosen
     pages and its KV length shrunk to match (see the module doc), and the chosen page-table
     slots [R, W] bool. qs [R, K, G, E] the requests' queries. votes_fn: the scoring
     implementation (default `ref_page_votes`). dense: a traced bool, true for a layer that keeps
     every page (`config.dense_layers`). reuse: the kept choice, read instead of choosing unless
-    `reuse.refresh`."""
+    `reuse.refresh`. dense_rows: [R] bool, requests that keep every page (the prefill chunks of
+    a step that mixes them with decodes: prefill stays dense); they are not scored."""
     votes_fn = ref_page_votes if votes_fn is None else votes_fn
     table, kv_len = md.page_table, md.kv_lens  # [R, W], [R]
     w = table.shape[1]
@@ -183,11 +185,14 @@ def select_pages(qs, summaries, md: AttentionMetadata, *, config: SparseAttentio
     always = (idx < sink) | (idx >= num_pages[:, None] - window)
 
     def choose():
-        votes = votes_fn(qs, summaries, table, num_pages, sm_scale=sm_scale, axis_name=axis_name)
+        scored = num_pages if dense_rows is None else jnp.where(dense_rows, 0, num_pages)
+        votes = votes_fn(qs, summaries, table, scored, sm_scale=sm_scale, axis_name=axis_name)
         score = jnp.where(used, jnp.where(always, jnp.inf, votes), -jnp.inf)
         keep = budget_pages(config, num_pages, page_size)  # [R]
         if dense is not None:
             keep = jnp.where(dense, num_pages, keep)
+        if dense_rows is not None:
+            keep = jnp.where(dense_rows, num_pages, keep)
         # the keep-th best score of each request is its threshold (ties past it are kept too)
         best = -jnp.sort(-score, axis=1)  # [R, W] descending
         threshold = jnp.take_along_axis(best, jnp.maximum(keep - 1, 0)[:, None], axis=1)  # [R, 1]
@@ -206,7 +211,7 @@ def select_pages(qs, summaries, md: AttentionMetadata, *, config: SparseAttentio
 
 
 def request_queries(q, md: AttentionMetadata):
-    """Decode-only step: each request's one query token, q [T, H, E] -> [R, H, E] (padding rows
-    read token 0; their KV length is 0)."""
+    """Each request's first (for a decode: its one) query token, q [T, H, E] -> [R, H, E]
+    (padding rows read token 0; their KV length is 0)."""
     tok = jnp.clip(md.query_start[:-1], 0, q.shape[0] - 1)
     return q[tok]

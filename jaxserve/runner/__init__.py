@@ -207,9 +207,10 @@ class ModelRunner:
         el, hl = self._embed_leaves, self._head_leaves
         hidden = self._program(("embed", b.num_tokens), self._embed, el, ids)(el, ids)
         g, new_kv, chosen = self.layers_per_program, [], []
-        # sparse attention changes only decode-only buckets: prefill programs stay as they are
-        sparse = self.sparse_attention if b.query_block == 1 else None
-        reuse = sparse is not None and self.selection_cache is not None
+        # sparse attention: the decodes of every step (prefill chunks stay dense); choices are
+        # kept across decode-only steps only
+        sparse = self.sparse_attention
+        reuse = sparse is not None and self.selection_cache is not None and b.query_block == 1
         if reuse:
             selection = selection or self.selection_cache.dummy(b.num_requests)
             refresh, arrays = selection.refresh, self._inputs(selection.arrays())
