@@ -28,7 +28,7 @@ def test_no_program_copies_the_cache(runner):
         g = runner.layers_per_program
         lp, lkv = tuple(runner._layer_leaves[:g]), runner.kv[:g]
         hidden = jax.numpy.zeros((b.num_tokens, runner.config.hidden_size))
-        layers_hlo = runner._layers.lower(lp, lkv, hidden, md, None, None, None, sparse=None).compile().as_text()
+        layers_hlo = runner._layers.lower(lp, lkv, hidden, md, None, None, None, sparse=None, refresh=None).compile().as_text()
         assert not cache_copies(layers_hlo, cache_shape), b
         _, new_kv, _ = runner._forward(b, ids, md, li)
         write_hlo = runner._write.lower(runner.kv, None, new_kv, md.slot_mapping).compile().as_text()
@@ -50,7 +50,7 @@ def test_sparse_programs_copy_no_cache_or_summaries(make_tiny_engine):
         args = (tuple(runner._layer_leaves[:g]), runner.kv[:g],
                 jax.numpy.zeros((b.num_tokens, runner.config.hidden_size)), md, runner.summaries[:g],
                 runner._put(np.zeros(g, bool)), None)
-        hlo = runner._layers.lower(*args, sparse=runner.sparse_attention).compile().as_text()
+        hlo = runner._layers.lower(*args, sparse=runner.sparse_attention, refresh=None).compile().as_text()
         assert not cache_copies(hlo, cache_shape) and not cache_copies(hlo, summary_shape), b
         _, new_kv, _ = runner._forward(b, ids, md, li)
         hlo = runner._write.lower(runner.kv, runner.summaries, new_kv, md.slot_mapping).compile().as_text()
@@ -103,7 +103,7 @@ def test_bfloat16_programs_convert_no_cache_or_weight(make_tiny_engine, tiny_mod
         hidden = jax.numpy.zeros((b.num_tokens, runner.config.hidden_size), jax.numpy.bfloat16)
         programs = {
             "embed": runner._embed.lower(el, ids),
-            "layers": runner._layers.lower(group, lkv, hidden, md, None, None, None, sparse=None),
+            "layers": runner._layers.lower(group, lkv, hidden, md, None, None, None, sparse=None, refresh=None),
             "head": runner._head.lower(hl, el, hidden, li),
         }
         logits, new_kv, _ = runner._forward(b, ids, md, li)
