@@ -295,9 +295,20 @@ class ModelRunner:
             return jax.device_put(tree, self._replicated)
         return jax.tree_util.tree_map(lambda x: parallel.place(x, self._replicated), tree)
 
-    def _write_kv(self, b: Bucket, new_kv, slot_mapping):
-        args = (self.kv, self.summaries, new_kv, slot_mapping)
-        self.kv, self.summaries = self._program(("write", b.num_tokens), self._write, *args)(*args)
+    def _write_kv(self, b: Bucket, new_kv, slot_mapping, first: int = 0):
+        """Write layers first.. first + len(new_kv) of this step's K/V (and key summaries)
+        into the cache, `layers_per_program` layers per call: one program per (token bucket,
+        layer count) serves every group. A write of all 30 layers of the default model in one
+        program compiled 2.4x slower than one of 10 (3.25 s against 1.36 s, 128 tokens)."""
+        g = self.layers_per_program
+        for at in range(0, len(new_kv), g):
+            lo, n = first + at, min(g, len(new_kv) - at)
+            summ = None if self.summaries is None else self.summaries[lo:lo + n]
+            args = (self.kv[lo:lo + n], summ, new_kv[at:at + n], slot_mapping)
+            kv, summ = self._program(("write", b.num_tokens, n), self._write, *args)(*args)
+            self.kv = self.kv[:lo] + tuple(kv) + self.kv[lo + n:]
+            if summ is not None:
+                self.summaries = self.summaries[:lo] + tuple(summ) + self.summaries[lo + n:]
 
     def set_sparse_attention(self, config) -> None:
         """Decode steps from now on run with this SparseAttentionConfig (None: dense); a new

@@ -116,12 +116,7 @@ class LayeredPrefillRunner:
         group, lkv = tuple(r._layer_leaves[first:first + s]), r.kv[first:first + s]
         args = (group, lkv, hidden, md)
         hidden, new_kv = r._program(("stage", b, s), self._stage, *args)(*args)
-        summ = None if r.summaries is None else r.summaries[first:first + s]
-        args = (lkv, summ, new_kv, md.slot_mapping)
-        kv, summ = r._program(("write", b.num_tokens, s), r._write, *args)(*args)
-        r.kv = r.kv[:first] + tuple(kv) + r.kv[first + s:]
-        if summ is not None:
-            r.summaries = r.summaries[:first] + tuple(summ) + r.summaries[first + s:]
+        r._write_kv(b, new_kv, md.slot_mapping, first=first)
         return hidden
 
     def run(self, stage: PrefillStage, params_of) -> tuple | None:
