@@ -25,10 +25,24 @@ from jaxserve import multihost
 from jaxserve.config import EngineConfig
 from jaxserve.errors import JaxserveError
 from jaxserve.models.llama import LlamaModel
-from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxserve.parallel import (ShardingError, check_mesh, make_mesh, sharded_model_config,
-                               tensor_size)
+from jaxserve.outputs import RequestMetrics, RequestOutput
+from jaxserve.parallel import (
+    ShardingError,
+    check_mesh,
+    make_mesh,
+    sharded_model_config,
+    tensor_size,
+)
 from jaxserve.records import StepRecord, StepRecords
+from jaxserve.request_state import (
+    CONTEXT_TOKENS,
+    RequestState,
+    SequenceState,
+    context_before,
+    logprob_dict,
+    position_logprobs,
+    token_texts,
+)
 from jaxserve.runner import ModelRunner, StepResult, pages_for_bytes
 from jaxserve.runner.buckets import kv_bytes_per_page
 from jaxserve.runner.layered import prefill_stages
@@ -39,7 +53,6 @@ from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger("jaxserve")
 
 DEFAULT_MAX_MODEL_LEN = 2048
-_CONTEXT = 4  # tokens decoded before a log-prob token, so that it keeps its leading space
 
 
 def enable_compilation_cache():
@@ -65,47 +78,6 @@ class EngineDeadError(JaxserveError, RuntimeError):
 
 class InvalidSamplingError(JaxserveError, ValueError):
     """Sampling parameters this model cannot honour (e.g. stop_token_ids outside its vocabulary)."""
-
-
-@dataclasses.dataclass
-class _Sequence:  # one of a request's n completions
-    seq_id: str
-    index: int
-    params: SamplingParams
-    detok: IncrementalDetokenizer
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""
-    logprobs: list | None = None
-    cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    # The chosen tokens' log-prob texts: deltas that concatenate to the text (no stop strings).
-    logprob_detok: IncrementalDetokenizer | None = None
-
-    def output(self) -> CompletionOutput:
-        return CompletionOutput(self.index, self.text, list(self.token_ids),
-                                self.cumulative_logprob if self.params.logprobs is not None else None,
-                                self.logprobs, self.finish_reason, self.stop_reason)
-
-
-@dataclasses.dataclass
-class _Group:  # one user request
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[_Sequence]
-    metrics: RequestMetrics
-    prompt_logprobs: list | None = None  # [None, {token: Logprob}, ...] when asked for
-    prompt_texts: list[str] | None = None  # each prompt token's text, in context (prompt_logprobs)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs)
-
-    def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             self.prompt_logprobs, [s.output() for s in self.seqs], self.finished,
-                             self.metrics)
 
 
 class Engine:
@@ -184,8 +156,8 @@ class Engine:
             config, max_model_len=self.max_model_len), num_pages, mesh=mesh)
         multihost.attach(self.runner)  # several processes: process 0 broadcasts each step
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
-        self._groups: dict[str, _Group] = {}
-        self._seqs: dict[str, tuple[_Group, _Sequence]] = {}
+        self._groups: dict[str, RequestState] = {}
+        self._seqs: dict[str, tuple[RequestState, SequenceState]] = {}
         self._params_of: dict[str, SamplingParams] = {}
         self.num_preemptions = 0  # sequences preempted (recompute) since start
         self._rng = np.random.default_rng(config.seed)  # seeds of unseeded requests
@@ -237,10 +209,10 @@ class Engine:
             raise InvalidPromptError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the maximum "
                 f"context length of {self.max_model_len} tokens")
-        group = _Group(request_id, text, ids, [], RequestMetrics(arrival_time or time.time()),
+        group = RequestState(request_id, text, ids, [], RequestMetrics(arrival_time or time.time()),
                        None if params.prompt_logprobs is None else [None])
         if params.prompt_logprobs is not None:
-            group.prompt_texts = self._token_texts(ids)
+            group.prompt_texts = token_texts(self.tokenizer, ids)
         ids_of = [request_id] if params.n == 1 else [f"{k}_{request_id}" for k in range(params.n)]
         seeds = self._sequence_seeds(params)
         added = []
@@ -257,7 +229,7 @@ class Engine:
                 added.append(seq_id)
                 if k > 0:  # only the first sequence reports prompt log-probs
                     p = dataclasses.replace(p, prompt_logprobs=None)
-                seq = _Sequence(seq_id, k, p, IncrementalDetokenizer(
+                seq = SequenceState(seq_id, k, p, IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop or (), include_stop_str_in_output=params.include_stop_str_in_output,
                     min_tokens=params.min_tokens),
@@ -418,9 +390,9 @@ class Engine:
                 if len(group.prompt_logprobs) != pos + j + 1:
                     continue  # recomputed after a preemption: already recorded
                 at = pos + j + 1
-                group.prompt_logprobs.append(self._logprob_dict(
-                    k, group.prompt_token_ids[at], lps[j], ranks[j], top_ids[j], top_lps[j],
-                    group.prompt_token_ids[max(0, at - _CONTEXT):at], group.prompt_texts[at]))
+                group.prompt_logprobs.append(logprob_dict(
+                    self.tokenizer, k, group.prompt_token_ids[at], lps[j], ranks[j], top_ids[j], top_lps[j],
+                    group.prompt_token_ids[max(0, at - CONTEXT_TOKENS):at], group.prompt_texts[at]))
         reasons: dict[str, str] = {}
         for seq_id, why in result.failed.items():  # their part of the step could not be built
             log.error("request %s failed: %s", seq_id, why)
@@ -434,13 +406,10 @@ class Engine:
             seq.token_ids.append(token)
             seq.cumulative_logprob += float(result.logprobs[i])
             if seq.logprobs is not None:
-                n = len(seq.token_ids)  # the context: up to _CONTEXT tokens before this one
-                context = seq.token_ids[max(0, n - 1 - _CONTEXT):n - 1]
-                if len(context) < _CONTEXT:
-                    p = group.prompt_token_ids
-                    context = p[max(0, len(p) - _CONTEXT + len(context)):] + context
-                seq.logprobs.append(self._position_logprobs(
-                    seq.params.logprobs, token, result, i, context, seq.logprob_detok.add([token])))
+                seq.logprobs.append(position_logprobs(
+                    self.tokenizer, seq.params.logprobs, token, result, i,
+                    context_before(group.prompt_token_ids, seq.token_ids),
+                    seq.logprob_detok.add([token])))
             group.metrics.first_token_time = group.metrics.first_token_time or now
             group.metrics.last_token_time = now
             if seq.index == 0:
@@ -457,41 +426,6 @@ class Engine:
                 if token in req.stop_token_ids and req.finish_reason == FinishReason.STOP:
                     seq.stop_reason = token
         return self._collect(reasons, touched={self._seqs[r][0].request_id for r in result.request_ids})
-
-    def _position_logprobs(self, k: int, token: int, r: StepResult, i: int, context,
-                           text: str) -> dict[int, Logprob]:
-        top = (None, None) if r.top_logprob_ids is None else (r.top_logprob_ids[i], r.top_logprobs[i])
-        return self._logprob_dict(k, token, r.logprobs[i], None if r.ranks is None else r.ranks[i],
-                                  *top, context, text)
-
-    def _logprob_dict(self, k, token, logprob, rank, top_ids, top_lps, context: list[int],
-                      text: str) -> dict[int, Logprob]:
-        """vLLM's shape for one position: the top-k and the chosen (or prompt) token. `text` is
-        the chosen token's text; the others are decoded after `context` (the tokens before),
-        so a SentencePiece token keeps its leading space."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        base = decode(context) if context else ""
-
-        def in_context(t: int) -> str:
-            full = decode([*context, t])
-            return full[len(base):] if full.startswith(base) else decode([t])
-
-        out = {}
-        if k and top_ids is not None:
-            for r, (tid, lp) in enumerate(zip(top_ids[:k], top_lps[:k]), 1):
-                tid = int(tid)
-                out[tid] = Logprob(float(lp), r, text if tid == token else in_context(tid))
-        if token not in out:
-            out[token] = Logprob(float(logprob), None if rank is None else int(rank), text)
-        return out
-
-    def _token_texts(self, ids: list[int]) -> list[str]:
-        """Each token's text such that they concatenate to the decoded ids (a character split
-        over tokens goes with its last one)."""
-        detok = IncrementalDetokenizer(self.tokenizer, [], skip_special_tokens=False)
-        texts = [detok.add([t]) for t in ids]
-        texts[-1] += detok.flush()
-        return texts
 
     def _collect(self, reasons: dict[str, str], touched: set[str] = frozenset()) -> list[RequestOutput]:
         """Mark finished sequences, and build the outputs of every group that changed."""
