@@ -79,7 +79,9 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
     groups = c.num_layers // g
     hidden = r._program(("embed", b.num_tokens), r._embed, el, ids)(el, ids)
     group, lkv = tuple(r._layer_leaves[:g]), r.kv[:g]
-    layers = r._program(("layers", b), r._layers, group, lkv, hidden, md)
+    dense_args = (None, None, None)  # no sparse attention: summaries, dense layers, selections
+    layers = r._program(("layers", b, None, None), r._layers, group, lkv, hidden, md, *dense_args,
+                        sparse=None, refresh=None)
     head = r._program(("head", b.num_tokens, b.num_requests), r._head, hl, el, hidden, li)
 
     # The projections and the attention of one layer, as programs of their own.
@@ -101,7 +103,7 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
         q, kc, vc, kn, kn, md, sm_scale=c.head_dim ** -0.5))
     t_mm = timed(lambda: matmuls(x, q, f, *w), repeats) * c.num_layers
     t_attn = timed(lambda: attention(q, *r.kv[0], kn, md), repeats) * c.num_layers
-    t_layers = timed(lambda: layers(group, lkv, hidden, md), repeats) * groups
+    t_layers = timed(lambda: layers(group, lkv, hidden, md, *dense_args)[0], repeats) * groups
     logits = head(hl, el, hidden, li)
     new_kv = tuple((kn, kn) for _ in range(c.num_layers))
     t_write = timed(lambda: (r._write_kv(b, new_kv, md.slot_mapping), r.kv)[1], repeats)
