@@ -64,8 +64,11 @@ TINY = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64
             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=1024,
             tie_word_embeddings=True)
+# The host prefix tier is off in tiny engines unless a test turns it on (test_host_tier.py):
+# its copy programs compile per cache size, ~9 s of a tiny engine's start for each new size.
 TINY_ENGINE = EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
-                           decode_buckets=(1, 2, 4, 8), num_kv_pages=128, page_size=8)
+                           decode_buckets=(1, 2, 4, 8), num_kv_pages=128, page_size=8,
+                           host_prefix_cache=False)
 
 
 @pytest.fixture(scope="session")

@@ -142,7 +142,8 @@ def test_engine_multi_turn_hits_host_pages_bit_for_bit(make_tiny_engine, backend
     from tests.test_scheduling import check_swapped_pages, prometheus_text
 
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    engine = make_tiny_engine(num_kv_pages=20, record_steps=True)  # 19 pages of 8 tokens
+    # 19 pages of 8 tokens
+    engine = make_tiny_engine(num_kv_pages=20, record_steps=True, host_prefix_cache=True)
     checked = check_swapped_pages(engine.runner)
     compiles = backend_compiles()
 
@@ -181,7 +182,7 @@ def test_runner_copies_more_pages_than_one_program_holds_and_reads_across_blobs(
     from jaxserve.sched import SchedulerOutput, Swap
     from tests.test_engine import prompts, run
 
-    engine = make_tiny_engine()
+    engine = make_tiny_engine(host_prefix_cache=True)
     run(engine, prompts(8, seed=5, lo=100, hi=120), SamplingParams(max_tokens=4))  # fill pages
     runner, swapper = engine.runner, engine.runner.swapper
     top = swapper.sizes[-1]
