@@ -19,7 +19,7 @@ chosen) by the sparse selection wrongly.
 Every layer's pages of one request travel as ONE array, so a swap is one large copy whatever
 the pages' places in the cache (FastSwitch, arXiv 2411.18424, swaps scattered 16-token pages
 as many small copies and groups them into contiguous blocks to fix it; gathering on the device
-first gets the same single copy). Page counts are padded to powers of two (padding gathers page
+first gets the same single copy). Page counts are padded to powers of four (padding gathers page
 0 and scatters into page 0, the padding page) so a few programs serve every swap; `warmup`
 compiles them. The stored arrays are copied as they are: the bf16-as-uint16 bits of the CPU
 cache (kernels/storage.py) go out and come back bit for bit.
