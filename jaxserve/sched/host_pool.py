@@ -61,6 +61,11 @@ class HostPool:
             bisect.insort(self._free, p)
         self._freed.extend(page_ids)
 
+    @property
+    def has_freed(self) -> bool:
+        """Some id was freed since the last take_freed()."""
+        return bool(self._freed)
+
     def take_freed(self) -> list[int]:
         """Ids freed since the last call (some may have been handed out again since)."""
         freed, self._freed = self._freed, []

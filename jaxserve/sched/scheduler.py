@@ -194,7 +194,7 @@ class Scheduler(LayeredPrefill):
     def has_host_pages_to_free(self) -> bool:
         """Host copies nobody will read (of requests aborted while swapped) that only the next
         step's output tells the runner to drop."""
-        return bool(self._host_free) or bool(self.host_pool._freed)
+        return bool(self._host_free) or self.host_pool.has_freed
 
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Apply a finished device step: advance computed tokens, append sampled ones, check stops.
