@@ -1,22 +1,31 @@
-"""Offline throughput on the default model, jaxserve against HF transformers in the same run.
+"""Offline throughput on the default model: jaxserve against HF transformers and vLLM in one run.
 
 The work of ../shared/peers (and of vLLM's offline benchmark): distinct prompts of exactly 128
 tokens (windows of a license text), 128 new tokens each, greedy, EOS ignored; batch sizes 1, 8,
 32 and 64; float32 and bfloat16. Reports prefill tok/s, decode tok/s, end-to-end output tok/s,
-warmup time, and the ratio to HF transformers `generate` on the same prompts (torch on the same
-2 cores). vLLM's CPU build is measured too when it is importable.
+warmup time, and the ratio of jaxserve to each peer on the same prompts: HF transformers
+`generate` (torch on the same 2 cores) and vLLM's CPU build, run in its own interpreter
+(`--vllm-python`; see peers.py) on the GGUF dequantized into an HF folder. Then the machine's copy
+bandwidth and, per dtype, the batch-1 limit it sets (weight bytes / bandwidth) and jaxserve's
+fraction of it.
 
     python benchmarks/throughput.py                         # everything (~15 min here)
     python benchmarks/throughput.py --batches 1,32 --dtypes float32 --peers hf
+    python benchmarks/throughput.py --peers hf,vllm --batches 1,32 --vllm-python VENV/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's jaxserve
+
+import peers  # noqa: E402  (benchmarks/peers.py: this script's folder is on sys.path)
 
 PROMPT_LEN, NEW_TOKENS = 128, 128
 TEXT_FILE = "/usr/share/common-licenses/GPL-3"
@@ -57,7 +66,15 @@ def bench_jaxserve(dtype: str, batches: list[int], repeats: int):
         decode = b * (NEW_TOKENS - 1) / max(total - first, 1e-9)
         rows.append(dict(engine="jaxserve", dtype=dtype, batch=b, prefill=prefill, decode=decode,
                          e2e=b * NEW_TOKENS / total, warmup=warmup))
-    return rows
+    return rows, weight_bytes(llm.model)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the parameters a decode step reads (the tied embedding counted once)."""
+    import jax
+    from flax import nnx
+
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def bench_hf(dtype: str, batches: list[int], repeats: int):
@@ -94,29 +111,33 @@ def bench_hf(dtype: str, batches: list[int], repeats: int):
     return rows
 
 
-def bench_vllm(dtype: str, batches: list[int], repeats: int):
-    try:
-        from vllm import LLM as VLLM, SamplingParams as VParams
-    except ImportError:
-        return []
+def bench_vllm(dtype: str, batches: list[int], repeats: int, python: str | None):
+    """vLLM's CPU build on the same prompt ids, in its own interpreter, from the default model's
+    GGUF dequantized into an HF folder (the same weights jaxserve runs)."""
     from jaxserve.models.fetch import default_model_path
+    from jaxserve.models.loader import load_checkpoint
+    from jaxserve.tokenizer import Tokenizer
 
-    path = default_model_path()
-    llm = VLLM(str(path), dtype=dtype, max_model_len=512)
-    prompts = make_prompts(llm.get_tokenizer(), max(batches))
-    params = VParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    rows = []
-    for b in batches:
-        batch = [{"prompt_token_ids": p} for p in prompts[:b]]
-        llm.generate(batch, params, use_tqdm=False)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            llm.generate(batch, params, use_tqdm=False)
-            times.append(time.perf_counter() - t)
-        rows.append(dict(engine="vllm", dtype=dtype, batch=b, prefill=None, decode=None,
-                         e2e=b * NEW_TOKENS / min(times), warmup=None))
-    return rows
+    if not python:
+        return peers.run_vllm(None, {})
+    tok = Tokenizer.from_gguf_metadata(load_checkpoint(default_model_path()).gguf_metadata)
+    job = dict(mode="offline", model=str(peers.dense_default_folder()), dtype=dtype,
+               prompts=make_prompts(tok, max(batches)), batches=batches, repeats=repeats,
+               new_tokens=NEW_TOKENS, max_model_len=512)
+    return peers.run_vllm(python, job)
+
+
+def print_limits(rows, bandwidth: float, weight_bytes: dict):
+    """Batch-1 decode reads every weight once a token: weight bytes / copy bandwidth bounds it."""
+    print(f"\ncopy bandwidth (numpy, 512 MiB, read + write): {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'dtype':<9} {'weight MB':>9} {'batch-1 limit tok/s':>19} {'jaxserve out / limit':>20} "
+          f"{'decode / limit':>14}")
+    for dtype, nbytes in weight_bytes.items():
+        limit = bandwidth / nbytes
+        ours = [r for r in rows if r["engine"] == "jaxserve" and r["dtype"] == dtype and r["batch"] == 1]
+        out = f"{ours[0]['e2e'] / limit:20.2f}" if ours else f"{'-':>20}"
+        dec = f"{ours[0]['decode'] / limit:14.2f}" if ours else f"{'-':>14}"
+        print(f"{dtype:<9} {nbytes / 1e6:9.0f} {limit:19.1f} {out} {dec}")
 
 
 def main():
@@ -125,13 +146,24 @@ def main():
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--peers", default="hf,vllm", help="comma list of hf, vllm; empty for none")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--vllm-python", default=peers.default_vllm_python(),
+                    help=f"the interpreter of an environment with vLLM (default: ${peers.VLLM_PYTHON_ENV}, "
+                         "else ../peers/vllmvenv/bin/python beside the checkout)")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
-    rows = []
+    bandwidth = peers.copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    rows, nbytes = [], {}
     for dtype in a.dtypes.split(","):
-        rows += bench_jaxserve(dtype, batches, a.repeats)
+        ours, nbytes[dtype] = bench_jaxserve(dtype, batches, a.repeats)
+        rows += ours
         for peer in filter(None, a.peers.split(",")):
-            rows += {"hf": bench_hf, "vllm": bench_vllm}[peer](dtype, batches, a.repeats)
+            if peer == "hf":
+                rows += bench_hf(dtype, batches, a.repeats)
+            elif peer == "vllm":
+                rows += bench_vllm(dtype, batches, a.repeats, a.vllm_python)
+            else:
+                raise SystemExit(f"unknown peer {peer!r}: hf or vllm")
         print(*rows, sep="\n", flush=True)  # partial results, in case a long run is cut short
     ours = {(r["dtype"], r["batch"]): r["e2e"] for r in rows if r["engine"] == "jaxserve"}
     fmt = lambda v, spec: format("-", f">{spec.split('.')[0]}") if v is None else format(v, spec)
@@ -142,6 +174,7 @@ def main():
         print(f"{r['engine']:<9} {r['dtype']:<9} {r['batch']:>5} {fmt(r['prefill'], '13.0f')} "
               f"{fmt(r['decode'], '12.0f')} {r['e2e']:>9.1f} {fmt(r['warmup'], '8.1f')} "
               f"{fmt(ratio, '15.2f')}")
+    print_limits(rows, bandwidth, nbytes)
 
 
 if __name__ == "__main__":
