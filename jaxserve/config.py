@@ -225,6 +225,11 @@ class EngineConfig:
     # layered: ((at most tokens, stages), ...) ascending; None: the table measured for this
     # machine (runner/layered.py MEASURED_STAGES). Stages become divisors of the layer count.
     prefill_stages: tuple[tuple[int, int], ...] | None = None
+    # Schedule and dispatch step n+1 before waiting for step n (vLLM's async scheduling): the
+    # host's work overlaps the device's, stop checks lag a step, outputs are the same. Steps
+    # run in order while a request uses penalties (they read the tokens on the host), and
+    # always with layered prefill or several processes.
+    async_scheduling: bool = True
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):

@@ -4,8 +4,11 @@
     while engine.has_unfinished_requests():
         for out in engine.step(): ...
 
-`step()` is schedule (host, `sched/`), execute (device, `runner.py`), postprocess (here: append
+`step()` is schedule (host, `sched/`), execute (device, `runner/`), postprocess (here: append
 tokens, log-probs, incremental detokenization and stop strings, finished requests' pages freed).
+With async scheduling (`EngineConfig.async_scheduling`, on by default) a step is scheduled and
+dispatched before the one in flight is waited for: the host's schedule, prepare and postprocess
+overlap the device's work, and each `step()` returns the outputs of the step before.
 A request with `n > 1` runs as n sequences ("0_id", "1_id", ...) that share the prompt's pages
 through the prefix cache; its `RequestOutput` gathers their `CompletionOutput`s.
 """
@@ -145,15 +148,18 @@ class Engine:
         config = dataclasses.replace(config, prefill_stages=prefill_stages(
             model_config.num_layers, config.prefill_stages))
         self.config = config
-        self.scheduler = Scheduler(SchedulerConfig(
+        scheduler = Scheduler(SchedulerConfig(
             num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
             scheduling_policy=config.scheduling_policy, preemption_mode=config.preemption_mode,
             num_host_pages=num_host_pages, host_prefix_cache=config.host_prefix_cache,
             prefill_policy=config.prefill_policy, prefill_stages=config.prefill_stages))
+        self.scheduler = scheduler
         self.runner = ModelRunner(model, dataclasses.replace(
             config, max_model_len=self.max_model_len), num_pages, mesh=mesh)
+        scheduler.max_pending = 2 if self.runner.feeds else 1  # async scheduling: one ahead
+        self._inflight: _Flight | None = None  # dispatched, not yet collected (async)
         multihost.attach(self.runner)  # several processes: process 0 broadcasts each step
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model_config.eos_token_ids)
         self._groups: dict[str, RequestState] = {}
@@ -288,23 +294,60 @@ class Engine:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the requests that produced tokens or finished."""
+        """One engine step; returns the requests that produced tokens or finished. With async
+        scheduling the next step is dispatched first, then the one in flight is collected: its
+        outputs are returned (a first call returns none)."""
+        overlap = self._overlaps()
+        prev, self._inflight = self._inflight, None
+        if prev is not None and not overlap:  # a request now needs tokens on the host
+            return self._land(prev)[0]  # the next call runs a step in order
+        flight = self._launch(prev)
+        if isinstance(flight, list):  # its dispatch failed: recovered, these are the outputs
+            return flight
+        if not overlap:
+            return self._land(flight)[0]
+        if prev is None:
+            self._inflight = flight
+            return []
+        outputs, ok = self._land(prev, flight)
+        if ok:  # (when every request has ended, the next call collects it, not waiting now)
+            self._inflight = flight
+        return outputs
+
+    def _overlaps(self) -> bool:
+        """May the next step be dispatched before the one in flight is collected?"""
+        return self.runner.feeds and not any(p.uses_penalties for p in self._params_of.values())
+
+    def _launch(self, prev: _Flight | None):
+        """Schedule a step and dispatch it (a _Flight); after a failed dispatch, the outputs of
+        the recovery (every step not collected is lost, `prev` included)."""
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
         if scheduled.is_empty:
+            return _Flight(scheduled, None, start)
+        try:
+            return _Flight(scheduled, self.runner.dispatch(scheduled, self._params_of), start)
+        except Exception as e:  # noqa: BLE001 - recovered from, or the engine is declared dead
+            return self._recover([f.scheduled for f in (prev,) if f] + [scheduled], e)
+
+    def _land(self, flight: _Flight, ahead: _Flight | None = None) -> tuple[list[RequestOutput], bool]:
+        """Collect a dispatched step and apply it: (outputs, False if it failed, and with it
+        the step `ahead` dispatched after it, and the engine recovered)."""
+        scheduled, ok = flight.scheduled, True
+        if flight.parts is None:
             self.scheduler.update(scheduled, {})
             outputs = []
         else:
             try:
-                result = self.runner.execute(scheduled, self._params_of)
+                result = self.runner.collect(flight.parts)
             except Exception as e:  # noqa: BLE001 - recovered from, or the engine is declared dead
-                outputs = self._recover(scheduled, e)
+                outputs, ok = self._recover([scheduled] + ([ahead.scheduled] if ahead else []), e), False
             else:
                 outputs = self._postprocess(scheduled, result)
         if self.step_records is not None:
-            self.step_records.append(self._step_record(scheduled, start))
-        return outputs
+            self.step_records.append(self._step_record(scheduled, flight.start))
+        return outputs, ok
 
     def _step_record(self, scheduled, start: float) -> StepRecord:
         """What this step did (`EngineConfig.record_steps`), read after it finished."""
@@ -331,6 +374,9 @@ class Engine:
         request that samples in this step gets `next_tokens[its id]` appended, exactly as if
         drawn; returns {request id: the cross-entropy of that token under the step's logits}
         (nats). Requests finish as usual (max_tokens, stop tokens)."""
+        if self._inflight is not None:  # teacher forcing runs its steps in order
+            flight, self._inflight = self._inflight, None
+            self._land(flight)
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             self.scheduler.update(scheduled, {})
@@ -350,15 +396,17 @@ class Engine:
         after a switch compile their programs; jaxserve.eval compares configurations this way."""
         self.runner.set_sparse_attention(config)
 
-    def _recover(self, scheduled, error: Exception) -> list[RequestOutput]:
+    def _recover(self, failed: list, error: Exception) -> list[RequestOutput]:
         """After a failed step, whose write may have consumed the (donated) KV cache: a zeroed
         cache, a check that the device still runs a step, and every running request recomputed.
-        A sequence in two failed steps finishes with "error" (it is the likely cause). Raises
-        EngineDeadError, and refuses new requests from then on, if the runner cannot run."""
+        `failed`: the scheduler outputs not applied (with async scheduling, the failed step and
+        the one dispatched next to it). A sequence in two failed steps finishes with "error"
+        (it is the likely cause). Raises EngineDeadError, and refuses new requests from then
+        on, if the runner cannot run."""
         log.error("engine step failed: %r; rebuilding the KV cache, recomputing its requests",
                   error, exc_info=error)
         self.num_failed_steps += 1
-        self.scheduler.recompute_all(scheduled)
+        self.scheduler.recompute_all(failed[0])
         try:
             if self.runner.broadcast is not None:  # the workers' state is unknown: no recovery
                 raise RuntimeError("cannot recover a step of several processes")
@@ -369,21 +417,30 @@ class Engine:
                                         f"steps any more ({e!r})")
             raise self.dead from error
         reasons = {}
-        for s in scheduled.scheduled + (scheduled.prefill_stage.entries if scheduled.prefill_stage else ()):
-            strikes = self._strikes[s.request_id] = self._strikes.get(s.request_id, 0) + 1
+        ids = dict.fromkeys(e.request_id for out in failed for e in out.scheduled + (
+            out.prefill_stage.entries if out.prefill_stage else ()))
+        for rid in ids:
+            if self.scheduler.get_request(rid) is None:
+                continue  # ended (a stop string, an abort) since it was scheduled
+            strikes = self._strikes[rid] = self._strikes.get(rid, 0) + 1
             if strikes >= 2:
-                self.scheduler.finish_request(s.request_id, FinishReason.ERROR)
-                reasons[s.request_id] = "error"
+                self.scheduler.finish_request(rid, FinishReason.ERROR)
+                reasons[rid] = "error"
         return self._collect(reasons)
 
     def _postprocess(self, scheduled, result: StepResult) -> list[RequestOutput]:
-        now = time.time()
+        now, live = time.time(), self.scheduler.get_request
+        # With async scheduling a step may hold requests that ended while it ran: dropped.
+        if any(live(rid) is None for rid in result.request_ids):
+            result = result.only([live(rid) is not None for rid in result.request_ids])
         for s in scheduled.scheduled + (scheduled.prefill_stage.entries
                                         if scheduled.prefill_stage is not None else ()):
-            group, _ = self._seqs[s.request_id]
-            if group.metrics.first_scheduled_time is None:
+            group, _ = self._seqs.get(s.request_id, (None, None))
+            if group is not None and group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
         for seq_id, (pos, (lps, top_ids, top_lps, ranks)) in result.prompt_logprobs.items():
+            if live(seq_id) is None:
+                continue
             group, seq = self._seqs[seq_id]
             k = seq.params.prompt_logprobs
             for j in range(len(lps)):
@@ -395,6 +452,8 @@ class Engine:
                     group.prompt_token_ids[max(0, at - CONTEXT_TOKENS):at], group.prompt_texts[at]))
         reasons: dict[str, str] = {}
         for seq_id, why in result.failed.items():  # their part of the step could not be built
+            if live(seq_id) is None:
+                continue
             log.error("request %s failed: %s", seq_id, why)
             self.scheduler.finish_request(seq_id, FinishReason.ERROR)
             reasons[seq_id] = "error"
@@ -466,3 +525,12 @@ class Engine:
                 f"max_model_len={self.max_model_len}, kv_pages={self.runner.num_pages}x"
                 f"{self.config.page_size}, running={self.scheduler.num_running}, "
                 f"waiting={self.scheduler.num_waiting})")
+
+
+@dataclasses.dataclass
+class _Flight:
+    """A scheduled step and its dispatched device work (None: a step with nothing to run)."""
+
+    scheduled: object  # SchedulerOutput
+    parts: list | None
+    start: float  # perf_counter at its schedule()

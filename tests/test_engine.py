@@ -295,14 +295,14 @@ def test_failed_step_recovers_by_recompute(engine, monkeypatch):
 
 def test_request_in_two_failed_steps_is_an_error(engine, monkeypatch):
     p = prompts(1, seed=11)[0]
-    real = engine.runner.execute
+    real = engine.runner.dispatch
 
     def poisoned(out, params_of):
         if any(s.request_id == "bad" for s in out.scheduled):
             raise RuntimeError("this request breaks every step")
         return real(out, params_of)
 
-    monkeypatch.setattr(engine.runner, "execute", poisoned)
+    monkeypatch.setattr(engine.runner, "dispatch", poisoned)
     engine.add_request("bad", p, GREEDY)
     done = run_to_end(engine)
     assert done["bad"].outputs[0].finish_reason == "error"

@@ -443,12 +443,12 @@ def test_update_protocol_is_enforced():
     sched = Scheduler(config())
     sched.add_request(Request("a", [1, 2], max_tokens=2))
     out = sched.schedule()
-    with pytest.raises(SchedulerError, match="twice"):
+    with pytest.raises(SchedulerError, match="awaiting update"):
         sched.schedule()
     with pytest.raises(SchedulerError, match="no sampled token for request 'a'"):
         sched.update(out, {})
     sched.update(out, {"a": [9]})  # the failed update changed nothing
-    with pytest.raises(SchedulerError, match="latest schedule"):
+    with pytest.raises(SchedulerError, match="oldest schedule"):
         sched.update(out, {"a": [9]})
 
 

@@ -66,7 +66,7 @@ from jaxserve.runner.selection import SelectionCache, init_masks, write_masks
 from jaxserve.runner.swap import KVSwapper
 from jaxserve.sampler import SamplerOutput, token_logprobs
 from jaxserve.sampling import SamplingParams, SamplingTensors
-from jaxserve.sched import SchedulerOutput
+from jaxserve.sched import PENDING_TOKEN, SchedulerOutput
 
 
 class ModelRunner:
@@ -119,6 +119,12 @@ class ModelRunner:
             return head_def.merge(head_leaves)(hidden, logits_indices, embed_def.merge(embed_leaves))
 
         self._embed = jax.jit(lambda leaves, ids: embed_def.merge(leaves)(ids), out_shardings=rep)
+        # async scheduling: tokens still pending on the host come from the last step's samples
+        self._embed_fed = jax.jit(lambda leaves, ids, fed, rows: embed_def.merge(leaves)(
+            jnp.where(rows >= 0, fed[jnp.maximum(rows, 0)], ids)), out_shardings=rep)
+        self.feeds = engine.async_scheduling and engine.prefill_policy == "chunked" \
+            and jax.process_count() == 1  # steps may take pending tokens (async scheduling)
+        self._fed: tuple[dict[str, int], jax.Array] | None = None  # (row of id, last samples)
         # (hidden, new K/V, chosen pages: () unless sparse attention keeps its choices)
         self._layers = jax.jit(lambda group, lkv, h, md, summ, dense, sel, sparse, refresh: (
             llama.run_layers([layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh,
@@ -200,12 +206,18 @@ class ModelRunner:
     def all_buckets(self) -> list[Bucket]:
         return self.buckets.all()
 
-    def _forward(self, b: Bucket, ids, md, logits_indices, selection=None):
+    def _forward(self, b: Bucket, ids, md, logits_indices, selection=None, feed=None):
         """All layers over one padded batch: (logits [R, V], new_kv per layer, hidden [T, D]).
         selection: a decode step's SelectionInputs (selection.py) when sparse attention reuses
-        its choices; None: a step of padding only."""
+        its choices; None: a step of padding only. feed: (sampled tokens [R'] of the last
+        step, their row for each token [T] or -1) when some tokens are pending (async)."""
         el, hl = self._embed_leaves, self._head_leaves
-        hidden = self._program(("embed", b.num_tokens), self._embed, el, ids)(el, ids)
+        if feed is None:
+            hidden = self._program(("embed", b.num_tokens), self._embed, el, ids)(el, ids)
+        else:
+            args = (el, ids, *feed)
+            hidden = self._program(("embed_fed", b.num_tokens, feed[0].shape[0]), self._embed_fed,
+                                   *args)(*args)
         g, new_kv, chosen = self.layers_per_program, [], []
         # sparse attention: the decodes of every step (prefill chunks stay dense); choices are
         # kept across decode-only steps only
@@ -258,6 +270,9 @@ class ModelRunner:
                         self._prompt_logprobs_of(b, hidden, np.zeros(b.num_tokens, np.int32))
                         if self.layered is not None:
                             self.layered.warmup(b, md, hidden)
+                    for rows in self.buckets.sampler if self.feeds else ():
+                        args = (self._embed_leaves, ids, np.zeros(rows, np.int32), ids)
+                        self._program(("embed_fed", b.num_tokens, rows), self._embed_fed, *args)
                     if li.shape[0] not in sampled:
                         sampled.add(li.shape[0])
                         for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
@@ -348,23 +363,34 @@ class ModelRunner:
 
     def execute(self, out: SchedulerOutput, params_of: dict[str, SamplingParams]) -> StepResult:
         """Run one scheduled step; sample for the entries whose step completes a prefill or decodes."""
+        return self.collect(self.dispatch(out, params_of))
+
+    def dispatch(self, out: SchedulerOutput, params_of: dict[str, SamplingParams]) -> list:
+        """Start one step on the device without waiting for it; `collect` waits for its
+        results. With async scheduling the next step is dispatched before this one's results
+        are collected: its pending tokens are this step's samples, taken on the device."""
         sched, stage = out.scheduled, out.prefill_stage
         self._swap(out)
         if self.layered is not None and stage is None:
             self.layered.drop()  # its members all left
-        if not sched and stage is None:
-            return StepResult([], np.zeros(0, np.int32), np.zeros(0, np.float32), None, None, None)
         parts = []  # (request ids by row, rows that sampled, device results, prompt rows, failed)
         if sched:  # the batch through every layer (with layered prefill: the decodes)
             inputs, prompt_rows, failed = self.prepare(out, params_of)
             if self.broadcast is not None:
                 self.broadcast(inputs)
             keep = [i for i, s in enumerate(sched) if s.samples_token and s.request_id not in failed]
-            parts.append(([s.request_id for s in sched], keep, self.run(inputs), prompt_rows, failed))
+            res = self.run(inputs)
+            if self.feeds:
+                self._fed = {sched[i].request_id: i for i in keep}, res[0].token_ids
+            parts.append(([s.request_id for s in sched], keep, res, prompt_rows, failed))
         if stage is not None:  # one group of layers of the prefill batch (layered.py)
             done = self.layered.run(stage, params_of)
             if done is not None:
                 parts.append(done)
+        return parts
+
+    def collect(self, parts: list) -> StepResult:
+        """Wait for a dispatched step and bring its results to the host."""
         results = jax.device_get([p[2] for p in parts])
         if self.swapper is not None:
             self.swapper.settle()
@@ -384,6 +410,14 @@ class ModelRunner:
     def prepare(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
                 ) -> tuple[StepInputs, dict, dict[str, str]]:
         inputs, rows, failed = self.batch.prepare(out, params_of)
+        pending = np.flatnonzero(inputs.token_ids == PENDING_TOKEN)
+        if pending.size:  # async scheduling: the last step's samples, on the device
+            starts = np.cumsum([s.num_new_tokens for s in out.scheduled])
+            of = self._fed[0] if self._fed is not None else {}
+            inputs.feed_rows = np.full(inputs.token_ids.shape, -1, np.int32)
+            inputs.feed_rows[pending] = [of.get(out.scheduled[j].request_id, -1)
+                                         for j in np.searchsorted(starts, pending, side="right")]
+            inputs.token_ids[pending] = 0  # a row the last step did not sample: dropped anyway
         if self.selection_cache is not None and inputs.md.decode_only:
             inputs.selection = self.selection_cache.inputs(out.scheduled, inputs.bucket.num_requests)
         return inputs, rows, failed
@@ -433,7 +467,8 @@ class ModelRunner:
         b = inputs.bucket
         ids, md, li, tensors, ban = self._inputs((inputs.token_ids, inputs.md, inputs.logits_indices,
                                                   inputs.sampling, inputs.banned))
-        logits, new_kv, hidden = self._forward(b, ids, md, li, inputs.selection)
+        feed = None if inputs.feed_rows is None else (self._fed[1], self._inputs(inputs.feed_rows))
+        logits, new_kv, hidden = self._forward(b, ids, md, li, inputs.selection, feed)
         self._write_kv(b, new_kv, md.slot_mapping)
         res: SamplerOutput = self._run_sampler(logits, tensors, ban, inputs.num_logprobs)
         prompt_out = None

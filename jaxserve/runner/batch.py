@@ -37,6 +37,15 @@ class StepResult:
     # Requests whose part of the step could not be built: {request_id: why}. They sampled nothing.
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
+    def only(self, keep: list[bool]) -> StepResult:
+        """The rows where `keep` is true (prompt log-probs and failures are by id: kept)."""
+        rows = np.flatnonzero(np.asarray(keep, bool))
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return dataclasses.replace(self, request_ids=[self.request_ids[i] for i in rows],
+                                   token_ids=pick(self.token_ids), logprobs=pick(self.logprobs),
+                                   top_logprob_ids=pick(self.top_logprob_ids),
+                                   top_logprobs=pick(self.top_logprobs), ranks=pick(self.ranks))
+
 
 @dataclasses.dataclass
 class StepInputs:
@@ -51,6 +60,9 @@ class StepInputs:
     num_logprobs: int  # 0 in the greedy variant, else NUM_TOP_LOGPROBS (computed when wanted)
     prompt_targets: np.ndarray | None  # [T] int32 next prompt token per position; None: no prompt logprobs
     selection: SelectionInputs | None = None  # kept sparse page choices (selection.py), decode steps
+    # async scheduling: [T] row of the last step's samples that gives each token, -1 where
+    # token_ids holds it (None: none pending). Filled by the runner, which keeps those samples.
+    feed_rows: np.ndarray | None = None
 
 
 class BatchBuilder:
@@ -138,13 +150,15 @@ class BatchBuilder:
         general with token-id arrays of fixed width (penalties, or stop tokens banned under
         min_tokens). The tensors' static flags name the variant."""
         reqs = [s.request for s in sched]
+        # outputs before the token each entry samples (those after are pending: request.py)
+        num_out = [max(0, s.end_position - r.num_prompt_tokens) for s, r in zip(sched, reqs)]
         banned = [sorted(r.eos_token_ids | r.stop_token_ids)
-                  if r.num_output_tokens < p.min_tokens and r.request_id not in skip else []
-                  for r, p in zip(reqs, sp)]
+                  if n < p.min_tokens and r.request_id not in skip else []
+                  for r, p, n in zip(reqs, sp, num_out)]
         rows = self.buckets.sampler_rows(b.num_requests)
-        tensors = self._tensors(sp, [r.num_output_tokens for r in reqs],
-                                [r.output_token_ids for r in reqs], [r.prompt_token_ids for r in reqs],
-                                rows)
+        tensors = self._tensors(sp, num_out, [r.output_token_ids[:n] for r, n in zip(reqs, num_out)]
+                                if any(p.uses_penalties for p in sp) else [()] * len(reqs),
+                                [r.prompt_token_ids for r in reqs], rows)
         ban = np.full((rows, 0), -1, np.int32)
         if any(banned) or tensors.needs_penalties:
             ban = np.full((rows, BAN_WIDTH), -1, np.int32)

@@ -19,6 +19,7 @@ from jaxserve.sched.page_manager import (
 )
 from jaxserve.sched.policies import POLICIES, FairPolicy, make_policy
 from jaxserve.sched.request import (
+    PENDING_TOKEN,
     FinishReason,
     InvalidRequestError,
     Request,
@@ -39,6 +40,7 @@ from jaxserve.sched.step import PrefillStage, ScheduledRequest, SchedulerOutput,
 
 __all__ = [
     "NULL_PAGE",
+    "PENDING_TOKEN",
     "POLICIES",
     "PREEMPTION_MODES",
     "PREFILL_POLICIES",

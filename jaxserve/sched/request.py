@@ -10,6 +10,10 @@
                                                            new device pages at its admission
     abort() / finish_request(): any unfinished state ──► FINISHED, pages freed at once
 
+Tokens sampled by a step still on the device are PENDING_TOKEN in `output_token_ids` from the
+schedule() that runs that step until the update() that applies it (sched/scheduler.py): the next
+step can be scheduled before they are known (async scheduling).
+
 Only the scheduler moves a request between states; the fields below the first block are its
 bookkeeping and are read-only to everyone else. Sampling parameters live elsewhere: the request
 carries them as an opaque `sampling_params` object for the engine and runner.
@@ -21,6 +25,9 @@ from dataclasses import dataclass, field
 
 from jaxserve.errors import JaxserveError
 from jaxserve.sched.page_manager import hash_page
+
+
+PENDING_TOKEN = -1  # an output token sampled on the device, not yet known on the host
 
 
 class InvalidRequestError(JaxserveError, ValueError):
@@ -144,16 +151,18 @@ class Request:
 
     # ---- stop checks ----
 
-    def check_stop(self) -> FinishReason | None:
-        """Why the request ends after its newest output token, or None to keep going.
+    def check_stop(self, num_outputs: int | None = None) -> FinishReason | None:
+        """Why the request ends after output token `num_outputs` (default: its newest), or None
+        to keep going. Output tokens after it may still be pending (async scheduling).
 
         The stop token itself stays in output_token_ids (the detokenizer decides what to show).
         eos / stop tokens before min_tokens are ignored (the sampler should mask them anyway).
         """
-        if self.num_output_tokens >= self.min_tokens:
-            last = self.output_token_ids[-1]
+        n = self.num_output_tokens if num_outputs is None else num_outputs
+        if n >= self.min_tokens:
+            last = self.output_token_ids[n - 1]
             if (not self.ignore_eos and last in self.eos_token_ids) or last in self.stop_token_ids:
                 return FinishReason.STOP
-        if self.num_output_tokens >= self.max_tokens:
+        if n >= self.max_tokens:
             return FinishReason.LENGTH
         return None

@@ -4,7 +4,14 @@ One engine step reads:
 
     out = scheduler.schedule()                  # which requests run, which tokens, which pages
     sampled = runner.execute(out)               # {request_id: [token]} for entries that sample
-    finished = scheduler.update(out, sampled)   # append tokens, stop checks, free finished pages
+    finished = scheduler.update(out, sampled)   # sampled tokens in, stop checks, pages freed
+
+schedule() already counts the step's tokens as computed and its sampled tokens as PENDING_TOKEN
+(request.py), which update() replaces with the real ones. So the next step may be scheduled
+before update() of this one (async scheduling, `max_pending=2`): its decodes feed the pending
+tokens, which the runner takes from this step's results on the device. Stop checks then lag a
+step (a request that stopped may have one more step in flight, whose tokens are dropped) and a
+request whose last allowed token is pending is not scheduled.
 
 `schedule()` fills a token budget (`max_num_batched_tokens`) under a request cap (`max_num_seqs`)
 in three passes, so decode and prefill tokens of many requests share one ragged batch. Order is
@@ -48,6 +55,7 @@ from jaxserve.sched.layered import LayeredPrefill
 from jaxserve.sched.page_manager import PageManager
 from jaxserve.sched.policies import make_policy
 from jaxserve.sched.request import (
+    PENDING_TOKEN,
     FinishReason,
     InvalidRequestError,
     Request,
@@ -75,7 +83,9 @@ class Scheduler(LayeredPrefill):
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
         self._waiting: list[Request] = []  # waiting, preempted and swapped; sorted by rank
         self._running: list[Request] = []  # by rank at each schedule(): victims from the end
-        self._pending: SchedulerOutput | None = None  # last schedule() output, awaiting update()
+        # schedule() outputs awaiting update(), oldest first: 1 at most, or 2 with async scheduling
+        self._pending: list[SchedulerOutput] = []
+        self.max_pending = 1
         self._num_added = 0  # arrival sequence numbers
         self._host_free: list[int] = []  # host pages freed by a step that never ran, to tell
         self.num_preemptions = {"recompute": 0, "swap": 0}  # since start, by how
@@ -164,15 +174,17 @@ class Scheduler(LayeredPrefill):
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's batch; allocates the pages it writes. See the module docstring."""
-        if self._pending is not None:
-            raise SchedulerError("schedule() called twice without update() of the first output")
+        if len(self._pending) >= self.max_pending:
+            raise SchedulerError(f"schedule() called again with {len(self._pending)} output(s) "
+                                 f"awaiting update() (max_pending={self.max_pending})")
         self.policy.on_step()
         self._running.sort(key=self.policy.key)  # stable: fcfs keeps admission order
         step = StepBuilder(self.config.max_num_batched_tokens)
         # Iterate over copies: preemption removes requests from _running as we go.
         for request in list(self._running):
             if request.status is RequestStatus.RUNNING and request.num_tokens_to_compute == 1 \
-                    and not self._in_prefill(request):
+                    and request.num_output_tokens < request.max_tokens \
+                    and not self._in_prefill(request):  # (its last token may still be pending)
                 self._schedule_running(request, step)
         stage = None
         if self.config.prefill_policy == "layered":  # prefill by layer groups (layered.py)
@@ -187,9 +199,14 @@ class Scheduler(LayeredPrefill):
             device, host = self.host_tier.offload(self.page_manager.take_evicted())
             if device:
                 step.swap_out.append(Swap(None, tuple(device), tuple(host)))
-        self._pending = step.build(tuple(self._host_free + self.host_pool.take_freed()), stage)
+        out = step.build(tuple(self._host_free + self.host_pool.take_freed()), stage)
         self._host_free.clear()
-        return self._pending
+        for entry in out.scheduled:  # computed once the step runs; its samples are pending
+            entry.request.num_computed_tokens = entry.end_position
+            if entry.samples_token:
+                entry.request.output_token_ids.append(PENDING_TOKEN)
+        self._pending.append(out)
+        return out
 
     def has_host_pages_to_free(self) -> bool:
         """Host copies nobody will read (of requests aborted while swapped) that only the next
@@ -197,32 +214,45 @@ class Scheduler(LayeredPrefill):
         return bool(self._host_free) or self.host_pool.has_freed
 
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
-        """Apply a finished device step: advance computed tokens, append sampled ones, check stops.
+        """Apply a finished device step: its sampled tokens replace the pending ones, stop checks.
 
         `sampled` maps each id whose entry has samples_token to its new token(s); other ids are
-        ignored. Requests finished or aborted since schedule() are skipped (their pages are gone).
-        Returns the requests that finished in this update, with their pages already freed.
+        ignored. Requests finished or aborted since schedule() are skipped (their pages are gone);
+        those preempted since (by a later schedule()) still get their token. Returns the
+        requests that finished in this update, with their pages already freed.
         """
-        if output is not self._pending:
-            raise SchedulerError("update() takes the output of the latest schedule(), once")
-        live = [e for e in output.completed if e.request.status is RequestStatus.RUNNING]
+        if not self._pending or output is not self._pending[0]:
+            raise SchedulerError("update() takes the oldest schedule() output not updated, once")
+        stage = output.prefill_stage
+        staged = [e for e in (stage.entries if stage is not None and stage.is_last else ())
+                  if e.request.status is RequestStatus.RUNNING]
+        live = [e for e in output.scheduled if not e.request.is_finished] + staged
         for entry in live:  # validate everything before changing anything
             if entry.samples_token and not sampled.get(entry.request_id):
                 raise SchedulerError(f"no sampled token for request {entry.request_id!r}")
-        self._pending = None
-        self._prefill_stage_done(output.prefill_stage)
+        self._pending.pop(0)
+        self._prefill_stage_done(stage)
+        for entry in staged:  # a layered prefill batch is computed at its last stage
+            entry.request.num_computed_tokens += entry.num_new_tokens
+            if entry.samples_token:
+                entry.request.output_token_ids.append(PENDING_TOKEN)
         finished = []
         for entry in live:
             request = entry.request
-            request.num_computed_tokens += entry.num_new_tokens
-            self._register_computed_pages(request)
             if not entry.samples_token:
+                if request.status is RequestStatus.RUNNING:
+                    self._register_computed_pages(request)
                 continue
-            self.policy.on_output(request, len(sampled[entry.request_id]))
-            for token in sampled[entry.request_id]:
-                request.output_token_ids.append(int(token))
-                reason = request.check_stop()
+            tokens = [int(t) for t in sampled[entry.request_id]]
+            at = entry.end_position - request.num_prompt_tokens  # the pending token's index
+            request.output_token_ids[at:at + 1] = tokens  # more than one: synchronous steps only
+            if request.status is RequestStatus.RUNNING:  # every computed token is known now
+                self._register_computed_pages(request)
+            self.policy.on_output(request, len(tokens))
+            for n in range(at + 1, at + 1 + len(tokens)):
+                reason = request.check_stop(n)
                 if reason is not None:
+                    del request.output_token_ids[n:]  # tokens after the stop are not outputs
                     self._finish(request, reason)
                     finished.append(request)
                     break
@@ -233,10 +263,10 @@ class Scheduler(LayeredPrefill):
         lost: every running request is preempted to recompute (ranked among the waiting ones by
         the policy), and the prefix cache is emptied (its pages' contents are gone). Host copies
         made before this step stay valid; those this step would have made or used are dropped."""
-        if output is not self._pending:
-            raise SchedulerError("recompute_all() takes the output of the latest schedule()")
-        self._pending = None
-        for swap in output.swap_out:  # never copied: recompute instead
+        if not any(out is output for out in self._pending):
+            raise SchedulerError("recompute_all() takes a schedule() output not updated, once")
+        outputs, self._pending = self._pending, []  # none of them is applied (async: two)
+        for swap in (swap for out in outputs for swap in out.swap_out):  # never copied: recompute
             if swap.request_id is None:  # an offload to the host tier
                 self.host_tier.discard(swap.host_page_ids)
                 continue
@@ -245,7 +275,9 @@ class Scheduler(LayeredPrefill):
                 self._free_host(request)
                 request.num_computed_tokens = 0
                 request.status = RequestStatus.PREEMPTED
-        self._host_free.extend(output.host_free)  # the runner was never told
+        self._host_free.extend(h for out in outputs for h in out.host_free)  # never told
+        for request in self._requests.values():  # pending tokens will never come
+            _drop_pending(request)
         for request in self._running:
             self._free_pages(request)
             request.num_computed_tokens = 0
@@ -415,6 +447,7 @@ class Scheduler(LayeredPrefill):
         return num_pages <= self.host_pool.num_free_pages
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
+        _drop_pending(request)  # tokens of steps still in flight are dropped
         if request.status is RequestStatus.RUNNING:
             self._running.remove(request)
             self._leave_prefill(request)
@@ -435,3 +468,10 @@ class Scheduler(LayeredPrefill):
     def _free_host(self, request: Request) -> None:
         self.host_pool.free(request.host_page_ids)
         request.host_page_ids = []
+
+
+def _drop_pending(request: Request) -> None:
+    """Forget the request's output tokens still pending on the device (always the last ones)."""
+    ids = request.output_token_ids
+    while ids and ids[-1] == PENDING_TOKEN:
+        ids.pop()
