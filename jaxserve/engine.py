@@ -44,10 +44,12 @@ from jaxserve.request_state import (
     context_before,
     logprob_dict,
     position_logprobs,
+    sequence_seeds,
     token_texts,
 )
 from jaxserve.runner import ModelRunner, StepResult, pages_for_bytes
 from jaxserve.runner.buckets import kv_bytes_per_page
+from jaxserve.runner.forced import execute_forced
 from jaxserve.runner.layered import prefill_stages
 from jaxserve.sampling import SamplingParams
 from jaxserve.sched import FinishReason, Request, Scheduler, SchedulerConfig
@@ -220,7 +222,7 @@ class Engine:
         if params.prompt_logprobs is not None:
             group.prompt_texts = token_texts(self.tokenizer, ids)
         ids_of = [request_id] if params.n == 1 else [f"{k}_{request_id}" for k in range(params.n)]
-        seeds = self._sequence_seeds(params)
+        seeds = sequence_seeds(params, self._rng)
         added = []
         try:
             for k, seq_id in enumerate(ids_of):
@@ -252,18 +254,6 @@ class Engine:
         for seq in group.seqs:
             self._seqs[seq.seq_id] = (group, seq)
             self._params_of[seq.seq_id] = seq.params
-
-    def _sequence_seeds(self, params: SamplingParams) -> list[int]:
-        """One seed per completion. Unseeded requests draw theirs from the engine's generator
-        (seeded by `EngineConfig.seed`, so a run of requests is reproducible); completion k > 0
-        of a seeded request gets a seed mixed from (seed, k): n samples that differ, any seed in
-        the allowed range, no overflow."""
-        if params.seed is None:
-            return [int(x) for x in self._rng.integers(0, 2**64, size=params.n, dtype=np.uint64)]
-        base = int(params.seed) % 2**64
-        return [params.seed] + [
-            int(np.random.SeedSequence([base, k]).generate_state(1, np.uint64)[0])
-            for k in range(1, params.n)]
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its pages. False if it is unknown or already finished."""
@@ -346,28 +336,8 @@ class Engine:
             else:
                 outputs = self._postprocess(scheduled, result)
         if self.step_records is not None:
-            self.step_records.append(self._step_record(scheduled, flight.start))
+            self.step_records.append(StepRecord.of(len(self.step_records), scheduled, self.scheduler, flight.start))
         return outputs, ok
-
-    def _step_record(self, scheduled, start: float) -> StepRecord:
-        """What this step did (`EngineConfig.record_steps`), read after it finished."""
-        decode = [s for s in scheduled.scheduled
-                  if s.num_new_tokens == 1 and s.start_position >= s.request.num_prompt_tokens]
-        sched, stage = self.scheduler, scheduled.prefill_stage
-        return StepRecord(
-            step=len(self.step_records), start=start, duration=time.perf_counter() - start,
-            num_decode=len(decode), num_prefill=len(scheduled.scheduled) - len(decode) + (
-                0 if stage is None else len(stage.entries)),
-            decode_tokens=len(decode), prefill_tokens=scheduled.num_batched_tokens - len(decode) + (
-                0 if stage is None else stage.num_tokens),
-            prefill_stage=None if stage is None else (stage.stage, stage.num_stages),
-            num_running=sched.num_running, num_waiting=sched.num_waiting,
-            num_swapped=sched.num_swapped,
-            pages_device=sched.page_manager.num_used_pages,
-            pages_host=sched.host_pool.num_used_pages,
-            preempted=tuple(scheduled.preempted),
-            swapped_out=sum(len(s.device_page_ids) for s in scheduled.swap_out),
-            swapped_in=sum(len(s.device_page_ids) for s in scheduled.swap_in))
 
     def step_forced(self, next_tokens: dict[str, int]) -> dict[str, float]:
         """One step whose "sampled" tokens are given (teacher forcing, jaxserve.eval): each
@@ -381,7 +351,7 @@ class Engine:
         if scheduled.is_empty:
             self.scheduler.update(scheduled, {})
             return {}
-        result, ce = self.runner.execute_forced(scheduled, self._params_of, next_tokens)
+        result, ce = execute_forced(self.runner, scheduled, self._params_of, next_tokens)
         self._postprocess(scheduled, result)
         return ce
 

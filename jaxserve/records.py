@@ -19,7 +19,7 @@ import html
 class StepRecord:
     step: int  # engine step index from 0
     start: float  # time.perf_counter() at the step's start
-    duration: float  # seconds: schedule + execute + postprocess
+    duration: float  # seconds from its schedule() to its outputs (async: spans the next dispatch)
     num_decode: int  # requests that decoded one token
     num_prefill: int  # requests with a prefill chunk or layered-prefill stage this step
     decode_tokens: int
@@ -33,6 +33,29 @@ class StepRecord:
     preempted: tuple[str, ...]  # request ids preempted this step
     swapped_out: int  # pages copied device -> host this step
     swapped_in: int  # pages copied host -> device this step
+
+    @classmethod
+    def of(cls, step: int, scheduled, scheduler, start: float) -> StepRecord:
+        """What step `step` (a SchedulerOutput) did, read from the scheduler once it finished."""
+        import time
+
+        decode = [s for s in scheduled.scheduled
+                  if s.num_new_tokens == 1 and s.start_position >= s.request.num_prompt_tokens]
+        stage = scheduled.prefill_stage
+        return cls(
+            step=step, start=start, duration=time.perf_counter() - start,
+            num_decode=len(decode), num_prefill=len(scheduled.scheduled) - len(decode) + (
+                0 if stage is None else len(stage.entries)),
+            decode_tokens=len(decode), prefill_tokens=scheduled.num_batched_tokens - len(decode) + (
+                0 if stage is None else stage.num_tokens),
+            prefill_stage=None if stage is None else (stage.stage, stage.num_stages),
+            num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+            num_swapped=scheduler.num_swapped,
+            pages_device=scheduler.page_manager.num_used_pages,
+            pages_host=scheduler.host_pool.num_used_pages,
+            preempted=tuple(scheduled.preempted),
+            swapped_out=sum(len(s.device_page_ids) for s in scheduled.swap_out),
+            swapped_in=sum(len(s.device_page_ids) for s in scheduled.swap_in))
 
     def __str__(self) -> str:
         stage = "" if self.prefill_stage is None else \

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.runner import StepResult
 from jaxserve.sampling import SamplingParams
@@ -109,3 +111,16 @@ def token_texts(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     texts = [detok.add([t]) for t in ids]
     texts[-1] += detok.flush()
     return texts
+
+
+def sequence_seeds(params: SamplingParams, rng: np.random.Generator) -> list[int]:
+    """One seed per completion. Unseeded requests draw theirs from `rng` (the engine's, seeded
+    by `EngineConfig.seed`, so a run of requests is reproducible); completion k > 0 of a seeded
+    request gets a seed mixed from (seed, k): n samples that differ, any seed in the allowed
+    range, no overflow."""
+    if params.seed is None:
+        return [int(x) for x in rng.integers(0, 2**64, size=params.n, dtype=np.uint64)]
+    base = int(params.seed) % 2**64
+    return [params.seed] + [
+        int(np.random.SeedSequence([base, k]).generate_state(1, np.uint64)[0])
+        for k in range(1, params.n)]

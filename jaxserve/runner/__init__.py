@@ -429,38 +429,6 @@ class ModelRunner:
             self.kv, self.summaries = self.swapper.apply(self.kv, self.summaries, out,
                                                          self._program)
 
-    def execute_forced(self, out: SchedulerOutput, params_of: dict[str, SamplingParams],
-                       next_tokens: dict[str, int]) -> tuple[StepResult, dict[str, float]]:
-        """A step whose sampled tokens are given (teacher forcing, jaxserve.eval): forward and
-        cache write as in `run`, then the cross-entropy (optax) of each request's given token
-        instead of sampling. Returns the StepResult with those tokens (log-prob = -CE) and
-        {request id: CE}. One process only."""
-        import optax
-
-        sched = out.scheduled
-        if out.prefill_stage is not None:
-            raise ValueError("teacher forcing runs with prefill_policy='chunked'")
-        self._swap(out)
-        if not sched:
-            return StepResult([], np.zeros(0, np.int32), np.zeros(0, np.float32), None, None,
-                              None), {}
-        inputs, _, failed = self.prepare(out, params_of)
-        if failed:
-            raise ValueError(f"the step's inputs could not be built: {failed}")
-        keep = [i for i, s in enumerate(sched) if s.samples_token]
-        targets = np.zeros(len(inputs.logits_indices), np.int32)  # one per logit row
-        targets[keep] = [next_tokens[sched[i].request_id] for i in keep]
-        b = inputs.bucket
-        ids, md, li, t = self._put((inputs.token_ids, inputs.md, inputs.logits_indices, targets))
-        logits, new_kv, _ = self._forward(b, ids, md, li, inputs.selection)
-        self._write_kv(b, new_kv, md.slot_mapping)
-        ce_program = jax.jit(optax.losses.softmax_cross_entropy_with_integer_labels,
-                             out_shardings=self._replicated)
-        ce = np.asarray(self._program(("cross_entropy", len(targets)), ce_program, logits, t)(
-            logits, t))[keep]
-        rids = [sched[i].request_id for i in keep]
-        return StepResult(rids, targets[keep], -ce, None, None, None), dict(zip(rids, ce.tolist()))
-
     def run(self, inputs: StepInputs) -> tuple[SamplerOutput, tuple | None]:
         """The device work of one step (every process runs it): forward, cache write, sampling,
         prompt log-probs when asked. Returns device arrays, replicated over the mesh."""
