@@ -41,6 +41,9 @@ def _engine_args(p: argparse.ArgumentParser):
     g.add_argument("--no-host-prefix-cache", dest="host_prefix_cache", action="store_false",
                    help="forget prefix-cached KV the device evicts instead of keeping it in "
                         "host memory for later turns")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="run each step's schedule, device work and postprocess in order instead "
+                        "of dispatching the next step before the last one's results are back")
     g.add_argument("--prefill-policy", default="chunked", choices=["chunked", "layered"],
                    help="layered: a prefill advances one group of layers per step while decodes "
                         "run every layer (arXiv 2510.08055)")
@@ -122,7 +125,7 @@ def _llm(a):
                process_id=a.process_id, sparse_attention=_sparse_config(a),
                scheduling_policy=a.scheduling_policy, preemption_mode=a.preemption_mode,
                swap_space=a.swap_space, host_prefix_cache=a.host_prefix_cache,
-               prefill_policy=a.prefill_policy)
+               prefill_policy=a.prefill_policy, async_scheduling=a.async_scheduling)
 
 
 def cmd_generate(a) -> int:
