@@ -399,17 +399,20 @@ class Engine:
         return self._collect(reasons)
 
     def _postprocess(self, scheduled, result: StepResult) -> list[RequestOutput]:
-        now, live = time.time(), self.scheduler.get_request
-        # With async scheduling a step may hold requests that ended while it ran: dropped.
-        if any(live(rid) is None for rid in result.request_ids):
-            result = result.only([live(rid) is not None for rid in result.request_ids])
-        for s in scheduled.scheduled + (scheduled.prefill_stage.entries
-                                        if scheduled.prefill_stage is not None else ()):
-            group, _ = self._seqs.get(s.request_id, (None, None))
-            if group is not None and group.metrics.first_scheduled_time is None:
-                group.metrics.first_scheduled_time = now
+        now = time.time()
+        entries = scheduled.scheduled + (scheduled.prefill_stage.entries
+                                         if scheduled.prefill_stage is not None else ())
+        # With async scheduling a step may hold requests that ended while it ran (and whose id
+        # a new request may have taken since): their rows are dropped.
+        ended = {e.request_id for e in entries if e.request.is_finished}
+        if ended:
+            result = result.only([rid not in ended for rid in result.request_ids])
+        for s in entries:
+            if s.request_id not in ended:
+                group, _ = self._seqs[s.request_id]
+                group.metrics.first_scheduled_time = group.metrics.first_scheduled_time or now
         for seq_id, (pos, (lps, top_ids, top_lps, ranks)) in result.prompt_logprobs.items():
-            if live(seq_id) is None:
+            if seq_id in ended:
                 continue
             group, seq = self._seqs[seq_id]
             k = seq.params.prompt_logprobs
@@ -422,7 +425,7 @@ class Engine:
                     group.prompt_token_ids[max(0, at - CONTEXT_TOKENS):at], group.prompt_texts[at]))
         reasons: dict[str, str] = {}
         for seq_id, why in result.failed.items():  # their part of the step could not be built
-            if live(seq_id) is None:
+            if seq_id in ended:
                 continue
             log.error("request %s failed: %s", seq_id, why)
             self.scheduler.finish_request(seq_id, FinishReason.ERROR)

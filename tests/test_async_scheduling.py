@@ -3,15 +3,13 @@ tokens fed on the device. Outputs must equal the synchronous engine's, token for
 every sampling option, preemption by recompute and by swap, stop strings and aborts; and the
 scheduler alone, driven one step ahead by the fake runner, must produce the reference tokens."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 from tests.test_engine import prompts
-from tests.test_scheduler import assert_all_pages_free, config, reference, runner_for
+from tests.test_scheduler import assert_all_pages_free, config, fed, reference, runner_for
 
 from jaxserve.sampling import SamplingParams
-from jaxserve.sched import PENDING_TOKEN, Request, Scheduler
+from jaxserve.sched import Request, Scheduler
 
 
 class Overlap:
@@ -39,11 +37,13 @@ def serve(engine, arrivals):
     """arrivals: {step: [(id, prompt, params)]}, added before that step() call; steps to the
     end. Returns ({id: final RequestOutput}, Overlap)."""
     overlap, done, step = Overlap(engine), {}, 0
+    engine._rng = np.random.default_rng(engine.config.seed)  # unseeded draws as on a new engine
     while step <= max(arrivals) or engine.has_unfinished_requests():
         for rid, prompt, params in arrivals.get(step, ()):
             engine.add_request(rid, prompt, params)
         done.update((o.request_id, o) for o in engine.step() if o.finished)
         step += 1
+    del engine.runner.dispatch, engine.runner.collect  # the runner's own methods again
     return done, overlap
 
 
@@ -84,13 +84,21 @@ def workload(vocab, n=14, seed=0):
     return arrivals
 
 
+@pytest.fixture(scope="module")
+def pair(make_tiny_engine):
+    """(async engine, synchronous engine) on the tiny test config, shared by the tests here:
+    each leaves them idle."""
+    return make_tiny_engine(async_scheduling=True), make_tiny_engine(async_scheduling=False)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(),
     dict(num_kv_pages=16),  # preemption by recompute
     dict(num_kv_pages=16, preemption_mode="swap", host_prefix_cache=True),
 ], ids=["roomy", "recompute", "swap"])
-def test_outputs_equal_the_synchronous_engine(make_tiny_engine, backend_compiles, overrides):
-    ahead, in_order = (make_tiny_engine(async_scheduling=mode, **overrides) for mode in (True, False))
+def test_outputs_equal_the_synchronous_engine(make_tiny_engine, pair, backend_compiles, overrides):
+    # outputs do not depend on the cache: a small one (preemptions) against the roomy one
+    ahead, in_order = pair[0] if not overrides else make_tiny_engine(**overrides), pair[1]
     arrivals = workload(ahead.runner.config.vocab_size, seed=len(overrides))
     before = backend_compiles()
     got, overlap = serve(ahead, arrivals)
@@ -100,6 +108,7 @@ def test_outputs_equal_the_synchronous_engine(make_tiny_engine, backend_compiles
     for rid in want:
         assert_same(got[rid], want[rid])
     assert overlap.overlapped > overlap.steps // 2 and sync.overlapped == 0
+    assert ahead.runner.feeds and not in_order.runner.feeds
     if overrides:
         assert ahead.num_preemptions > 0
     for engine in (ahead, in_order):
@@ -108,9 +117,9 @@ def test_outputs_equal_the_synchronous_engine(make_tiny_engine, backend_compiles
             engine.scheduler.host_tier.num_pages if engine.scheduler.host_tier else 0)
 
 
-def test_penalties_run_steps_in_order(make_tiny_engine):
+def test_penalties_run_steps_in_order(pair):
     """A request with penalties needs its tokens on the host: while it runs, no step overlaps."""
-    ahead, in_order = (make_tiny_engine(async_scheduling=mode) for mode in (True, False))
+    ahead, in_order = pair
     plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     penalized = SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.3, presence_penalty=0.5,
                                max_tokens=6, ignore_eos=True)
@@ -124,8 +133,8 @@ def test_penalties_run_steps_in_order(make_tiny_engine):
     assert 0 < overlap.overlapped < overlap.steps - 6  # before and after, not beside "p"
 
 
-def test_abort_while_a_step_is_in_flight(make_tiny_engine):
-    engine = make_tiny_engine(async_scheduling=True)
+def test_abort_while_a_step_is_in_flight(pair):
+    engine, alone = pair
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     ps = prompts(3, seed=9)
     for i, p in enumerate(ps):
@@ -138,10 +147,25 @@ def test_abort_while_a_step_is_in_flight(make_tiny_engine):
     while engine.has_unfinished_requests():
         done.update((o.request_id, o) for o in engine.step() if o.finished)
     assert set(done) == {"0", "2"}
-    alone = make_tiny_engine(async_scheduling=False)
     want, _ = serve(alone, {0: [("0", ps[0], params), ("2", ps[2], params)]})
     assert all(done[r].outputs[0].token_ids == want[r].outputs[0].token_ids for r in done)
     assert engine.scheduler.page_manager.num_used_pages == 0
+
+
+def test_an_id_reused_while_its_last_step_is_in_flight(pair):
+    """A request that stops on a token has one more step in flight when it finishes; a new
+    request taking its id must not receive that step's row."""
+    engine, in_order = pair
+    ps = prompts(2, seed=10)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    first = serve(in_order, {0: [("x", ps[0], greedy)]})[0]["x"]
+    stop_at = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                             stop_token_ids=[first.outputs[0].token_ids[3]])
+    done, _ = serve(engine, {0: [("x", ps[0], stop_at)]})
+    assert len(done["x"].outputs[0].token_ids) <= 4 and engine._inflight is not None
+    again, _ = serve(engine, {0: [("x", ps[1], greedy)]})
+    want, _ = serve(in_order, {0: [("x", ps[1], greedy)]})
+    assert_same(again["x"], want["x"])
 
 
 # ---- the scheduler one step ahead, on the fake runner ------------------------------------------
@@ -156,11 +180,7 @@ def run_ahead(sched):
         step = None
         if sched.has_unfinished_requests():
             out = sched.schedule()
-            fed = last[1] if last is not None else {}
-            entries = tuple(dataclasses.replace(e, token_ids=tuple(
-                fed[e.request_id][0] if t == PENDING_TOKEN else t for t in e.token_ids))
-                for e in out.scheduled)
-            step = (out, runner.execute(dataclasses.replace(out, scheduled=entries)))
+            step = (out, runner.execute(fed(out, last[1] if last is not None else {})))
         if last is not None:
             finished.update((r.request_id, r) for r in sched.update(*last))
         last, steps = step, steps + 1

@@ -6,6 +6,7 @@ page table. Its next token is a weighted sum of that context, so a wrong page ta
 overwritten, a stale page or a lost token all change the tokens the tests assert exactly.
 """
 
+import dataclasses
 import math
 import weakref
 
@@ -22,6 +23,7 @@ from hypothesis.stateful import (
 
 from jaxserve.sched import (
     NULL_PAGE,
+    PENDING_TOKEN,
     DuplicateRequestError,
     FinishReason,
     Request,
@@ -120,6 +122,15 @@ def runner_for(sched):
     return _runners.setdefault(sched, FakeRunner(sched))
 
 
+def fed(out, last_sampled):
+    """`out` with its pending tokens (async scheduling) replaced by the samples of the step
+    before, {id: [token]}, as the runner feeds them on the device."""
+    entries = tuple(dataclasses.replace(e, token_ids=tuple(
+        last_sampled[e.request_id][0] if t == PENDING_TOKEN else t for t in e.token_ids))
+        for e in out.scheduled)
+    return dataclasses.replace(out, scheduled=entries)
+
+
 def check_step(sched, out, before):
     """Budget, cap, batch order. `before`: {id: tokens to compute} of running requests pre-step."""
     cfg = sched.config
@@ -131,8 +142,9 @@ def check_step(sched, out, before):
     # Decodes of requests already running come before every prefill chunk and admission.
     is_decode = [before.get(e.request_id) == 1 for e in out.scheduled]
     assert is_decode == sorted(is_decode, reverse=True)
-    if sched.has_unfinished_requests():
-        assert out.scheduled, "an empty step with unfinished requests would be a livelock"
+    if sched.has_unfinished_requests():  # (one step ahead, the pending last tokens may be all)
+        assert out.scheduled or any(r.num_output_tokens == r.max_tokens for r in sched.running), \
+            "an empty step with unfinished requests would be a livelock"
 
 
 def run(sched, max_steps=10_000, log=None):
@@ -524,9 +536,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         mode=st.sampled_from(["recompute", "swap", "auto"]),
         host_pages=st.integers(0, 24),  # small pools fill up: swaps fall back to recompute
         host_tier=st.booleans(),  # evicted prefix pages to the host pool, hits copied back
+        ahead=st.booleans(),  # async scheduling: step n+1 scheduled and run before update(n)
     )
     def setup(self, page_size, num_pages, max_num_seqs, budget, chunked, prefix_caching, policy,
-              mode, host_pages, host_tier):
+              mode, host_pages, host_tier, ahead):
         max_model_len = 30
         if not chunked:
             budget = max(budget, max_model_len)
@@ -539,6 +552,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         if policy == "fair":  # re-rank often with a small margin: many preemptions
             self.sched.policy.interval, self.sched.policy.margin = 2, 4.0
         self.runner = runner_for(self.sched)
+        self.sched.max_pending = 2 if ahead else 1
+        self.last = None  # ahead: (the step run but not updated, its samples)
         self.expected: dict[str, list[int]] = {}
         self.finished: dict[str, Request] = {}
         self.total_tokens = 0  # of accepted requests, for the no-livelock bound
@@ -571,10 +586,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         before = {r.request_id: r.num_tokens_to_compute for r in sched.running}
         out = sched.schedule()
         check_step(sched, out, before)
-        sampled = self.runner.execute(out)
+        sampled = self.runner.execute(fed(out, self.last[1] if self.last else {}))
         if abort_in_flight and out.scheduled:  # the client leaves while the device runs
             sched.abort(data.draw(st.sampled_from(out.scheduled)).request_id)
-        for request in sched.update(out, sampled):
+        if sched.max_pending == 2:  # ahead: update the step before, keep this one in flight
+            out, sampled, self.last = *(self.last or (None, None)), (out, sampled)
+        for request in sched.update(out, sampled) if out is not None else ():
             self.finished[request.request_id] = request
 
     @precondition(lambda self: self.sched.has_unfinished_requests())
@@ -624,6 +641,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self):
         if not hasattr(self, "sched"):
             return
+        if self.last is not None:  # the step in flight, then in order
+            for request in self.sched.update(*self.last):
+                self.finished[request.request_id] = request
         # No livelock: every request fits the cache alone, so all finish in bounded steps.
         finished, steps = run(self.sched, max_steps=10 * self.total_tokens + 10)
         for rid, request in finished.items():
