@@ -2,9 +2,10 @@
 
 A 2-layer random model with SmolLM2's real tokenizer and vocabulary (49152) serves N requests
 decoding at once (default 64); each engine step is timed by part: schedule, prepare (the batch
-as host numpy), device (dispatch + wait, on a model this small mostly the sampler and head),
-postprocess (append, stop checks, detokenize, outputs). What is left for an accelerator to hide
-is everything but "device".
+as host numpy), dispatch (the step's programs enqueued), wait (for the device's results: on a
+model this small mostly the head and sampler), postprocess (append, stop checks, detokenize,
+outputs). Synchronous steps add them up; with async scheduling the host's parts of step n+1
+run while step n is on the device, and "wait" is what is left of the device's time.
 
     python benchmarks/host.py [--requests 64] [--steps 64]
     python benchmarks/host.py --peer vllm --async-scheduling both   # the same tiny HF folder in both
@@ -76,7 +77,8 @@ def measure(engine: Engine, prompts: list[list[int]], sp: SamplingParams, steps:
 
     timed(sched, "schedule", "schedule")
     timed(runner, "prepare", "prepare")
-    timed(runner, "execute", "execute")
+    timed(runner, "dispatch", "dispatch")  # prepare included
+    timed(runner, "collect", "wait")
     timed(engine, "_postprocess", "postprocess")
     for i, ids in enumerate(prompts):
         engine.add_request(str(i), ids, sp)
@@ -90,10 +92,10 @@ def measure(engine: Engine, prompts: list[list[int]], sp: SamplingParams, steps:
 
 
 def print_parts(parts, total: float, steps: int):
-    device = parts["execute"] - parts["prepare"]
-    rows = [("schedule", parts["schedule"]), ("prepare", parts["prepare"]), ("device (dispatch+wait)", device),
+    rows = [("schedule", parts["schedule"]), ("prepare", parts["prepare"]),
+            ("dispatch", parts["dispatch"] - parts["prepare"]), ("wait (device)", parts["wait"]),
             ("postprocess", parts["postprocess"]),
-            ("other", total - parts["schedule"] - parts["execute"] - parts["postprocess"])]
+            ("other", total - parts["schedule"] - parts["dispatch"] - parts["wait"] - parts["postprocess"])]
     print("| part | ms/step | share |\n|---|---|---|")
     for name, secs in rows:
         print(f"| {name} | {secs / steps * 1e3:.2f} | {secs / total:.0%} |")

@@ -3,6 +3,7 @@ tokens fed on the device. Outputs must equal the synchronous engine's, token for
 every sampling option, preemption by recompute and by swap, stop strings and aborts; and the
 scheduler alone, driven one step ahead by the fake runner, must produce the reference tokens."""
 
+import jax
 import numpy as np
 import pytest
 from tests.test_engine import prompts
@@ -166,6 +167,32 @@ def test_an_id_reused_while_its_last_step_is_in_flight(pair):
     again, _ = serve(engine, {0: [("x", ps[1], greedy)]})
     want, _ = serve(in_order, {0: [("x", ps[1], greedy)]})
     assert_same(again["x"], want["x"])
+
+
+def test_a_step_failing_at_collect_recovers_both_steps_in_flight(pair, monkeypatch):
+    """The device fails step n after step n+1 was dispatched on the cache it consumed: both
+    are undone, the cache rebuilt, every request recomputed; outputs as if nothing happened."""
+    engine, in_order = pair
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=10, ignore_eos=True)
+    arrivals = {0: [(str(i), p, params) for i, p in enumerate(prompts(3, seed=12))]}
+    want, _ = serve(in_order, arrivals)
+    real, calls = engine.runner.collect, []
+
+    def failing(parts):
+        calls.append(1)
+        if len(calls) == 5:  # mid-decode, the next step already dispatched
+            for x in jax.tree_util.tree_leaves(engine.runner.kv):
+                x.delete()  # as a failed donated write leaves it
+            raise RuntimeError("device hiccup")
+        return real(parts)
+
+    monkeypatch.setattr(engine.runner, "collect", failing)
+    failed_before = engine.num_failed_steps
+    got, overlap = serve(engine, arrivals)
+    assert engine.num_failed_steps == failed_before + 1 and overlap.overlapped > 0
+    for rid in want:
+        assert_same(got[rid], want[rid])
+    assert engine.scheduler.page_manager.num_used_pages == 0
 
 
 # ---- the scheduler one step ahead, on the fake runner ------------------------------------------
