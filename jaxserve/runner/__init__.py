@@ -124,7 +124,9 @@ class ModelRunner:
             jnp.where(rows >= 0, fed[jnp.maximum(rows, 0)], ids)), out_shardings=rep)
         self.feeds = engine.async_scheduling and engine.prefill_policy == "chunked" \
             and jax.process_count() == 1  # steps may take pending tokens (async scheduling)
-        self._fed: tuple[dict[str, int], jax.Array] | None = None  # (row of id, last samples)
+        # (row of each id, the last step's samples padded to the largest sampler row count)
+        self._fed: tuple[dict[str, int], jax.Array] | None = None
+        self._sampled = None  # the padded samples of the latest run()
         # (hidden, new K/V, chosen pages: () unless sparse attention keeps its choices)
         self._layers = jax.jit(lambda group, lkv, h, md, summ, dense, sel, sparse, refresh: (
             llama.run_layers([layer_def.merge(leaves) for leaves in group], lkv, h, md, mesh=mesh,
@@ -141,8 +143,13 @@ class ModelRunner:
                               donate_argnums=(0, 1), out_shardings=(
                                   kv_sharding, None if self.summaries is None else summary_sharding))
         vocab_split = logits_sharding.spec[1] is not None
-        self._sample = jax.jit(functools.partial(sample_program, mesh=mesh if vocab_split else None),
-                               out_shardings=rep,
+        max_rows = self.buckets.sampler[-1]
+
+        def sample(logits, t, banned, **static):  # and the tokens padded, for the next step
+            out = sample_program(logits, t, banned, mesh=mesh if vocab_split else None, **static)
+            return out, jnp.zeros(max_rows, jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids)
+
+        self._sample = jax.jit(sample, out_shardings=rep,
                                static_argnames=("all_greedy", "needs_penalties", "num_logprobs"))
         self.broadcast = None  # set by multihost.py on process 0 of several: sends StepInputs
         # KV in host memory (swap.py): swapped-out requests and the host prefix tier
@@ -216,7 +223,7 @@ class ModelRunner:
             hidden = self._program(("embed", b.num_tokens), self._embed, el, ids)(el, ids)
         else:
             args = (el, ids, *feed)
-            hidden = self._program(("embed_fed", b.num_tokens, feed[0].shape[0]), self._embed_fed,
+            hidden = self._program(("embed_fed", b.num_tokens), self._embed_fed,
                                    *args)(*args)
         g, new_kv, chosen = self.layers_per_program, [], []
         # sparse attention: the decodes of every step (prefill chunks stay dense); choices are
@@ -270,9 +277,9 @@ class ModelRunner:
                         self._prompt_logprobs_of(b, hidden, np.zeros(b.num_tokens, np.int32))
                         if self.layered is not None:
                             self.layered.warmup(b, md, hidden)
-                    for rows in self.buckets.sampler if self.feeds else ():
-                        args = (self._embed_leaves, ids, np.zeros(rows, np.int32), ids)
-                        self._program(("embed_fed", b.num_tokens, rows), self._embed_fed, *args)
+                    if self.feeds:
+                        args = (self._embed_leaves, ids, np.zeros(self.buckets.sampler[-1], np.int32), ids)
+                        self._program(("embed_fed", b.num_tokens), self._embed_fed, *args)
                     if li.shape[0] not in sampled:
                         sampled.add(li.shape[0])
                         for t, ban, num_logprobs in self.batch.sampler_variants(li.shape[0]):
@@ -381,7 +388,7 @@ class ModelRunner:
             keep = [i for i, s in enumerate(sched) if s.samples_token and s.request_id not in failed]
             res = self.run(inputs)
             if self.feeds:
-                self._fed = {sched[i].request_id: i for i in keep}, res[0].token_ids
+                self._fed = {sched[i].request_id: i for i in keep}, self._sampled
             parts.append(([s.request_id for s in sched], keep, res, prompt_rows, failed))
         if stage is not None:  # one group of layers of the prefill batch (layered.py)
             done = self.layered.run(stage, params_of)
@@ -438,7 +445,7 @@ class ModelRunner:
         feed = None if inputs.feed_rows is None else (self._fed[1], self._inputs(inputs.feed_rows))
         logits, new_kv, hidden = self._forward(b, ids, md, li, inputs.selection, feed)
         self._write_kv(b, new_kv, md.slot_mapping)
-        res: SamplerOutput = self._run_sampler(logits, tensors, ban, inputs.num_logprobs)
+        res, self._sampled = self._run_sampler(logits, tensors, ban, inputs.num_logprobs)
         prompt_out = None
         if inputs.prompt_targets is not None:
             prompt_out = self._prompt_logprobs_of(b, hidden, inputs.prompt_targets)

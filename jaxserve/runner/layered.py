@@ -155,7 +155,7 @@ class LayeredPrefillRunner:
                                 hl, el, hidden, li)(hl, el, hidden, li)
         self.batch = None
         tensors, ban = r._inputs((inputs.sampling, inputs.banned))
-        res = r._run_sampler(logits, tensors, ban, inputs.num_logprobs)
+        res, _ = r._run_sampler(logits, tensors, ban, inputs.num_logprobs)
         prompt_out = None
         if inputs.prompt_targets is not None:
             prompt_out = r._prompt_logprobs_of(b, hidden, inputs.prompt_targets)
