@@ -18,7 +18,8 @@ def test_step_records_account_for_every_token(make_tiny_engine):
         records = engine.step_records
         assert all(isinstance(r, StepRecord) for r in records)
         assert [r.step for r in records] == list(range(len(records)))
-        assert all(b.start >= a.start + a.duration for a, b in zip(records, records[1:]))
+        # one after another (with async scheduling a step is dispatched before the last ends)
+        assert all(b.start >= a.start and a.duration > 0 for a, b in zip(records, records[1:]))
         assert sum(len(r.preempted) for r in records) == engine.num_preemptions
         assert (engine.num_preemptions > 0) == preempts
         assert all(r.pages_device <= pages - 1 for r in records)
@@ -200,7 +201,7 @@ def test_swap_carries_sparse_page_summaries_and_compiles_nothing(make_tiny_engin
         for o in engine.step():
             if o.finished:
                 outs[o.request_id] = o.outputs[0]
-        if engine.step_records[-1].swapped_in:
+        if engine.step_records and engine.step_records[-1].swapped_in:  # (async: from step 2)
             counter.counting = False  # the oracle's jnp ops compile
             for r in engine.scheduler.running:
                 assert_summaries_match_cache(engine, r)

@@ -205,6 +205,9 @@ class Scheduler(LayeredPrefill):
             entry.request.num_computed_tokens = entry.end_position
             if entry.samples_token:
                 entry.request.output_token_ids.append(PENDING_TOKEN)
+            # Its full pages of known tokens are hits for later steps (after this one's writes:
+            # the device runs steps in order; this step's own admissions were matched above).
+            self._register_computed_pages(entry.request)
         self._pending.append(out)
         return out
 
@@ -402,10 +405,15 @@ class Scheduler(LayeredPrefill):
         return True
 
     def _register_computed_pages(self, request: Request) -> None:
-        """Offer the request's newly completed full pages (prompt or output) to the prefix cache."""
+        """Offer the request's newly completed full pages (prompt or output) to the prefix cache:
+        pages computed, or computed by a step already scheduled, whose tokens are all known."""
         if not self.config.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.config.page_size
+        ids, pending = request.output_token_ids, 0
+        while pending < len(ids) and ids[-1 - pending] == PENDING_TOKEN:
+            pending += 1
+        num_full = min(request.num_computed_tokens,
+                       request.num_tokens - pending) // self.config.page_size
         if num_full <= request.num_registered_pages:
             return
         hashes = request.page_hashes(self.config.page_size, num_full)
