@@ -90,6 +90,28 @@ def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chu
     assert np.all(out[t_used:] == 0), "padding tokens must produce zeros, not NaN"
 
 
+@pytest.mark.parametrize("budget,window,soft_cap", [(8, None, 5.0), (30, 6, None)])
+def test_decode_chunk_budget(budget, window, soft_cap, monkeypatch):
+    """Decode steps size their chunks from DECODE_STEP_TOKENS / blocks: here one page per chunk
+    (budget 8 over 9 blocks rounds up to a page) or 3 positions a block, so 1 page (budget 30),
+    with a soft cap or a window that starts mid-chunk; still dense attention."""
+    monkeypatch.setattr(rpa, "DECODE_STEP_TOKENS", budget)
+    rng = np.random.default_rng(11)
+    page_size, kvh, group, e = 4, 2, 3, 16
+    md, q, kc, vc, kn, vn, q_lens, kv_lens, kh, vh, _ = random_batch(
+        rng, num_requests=6, page_size=page_size, num_pages=160, kv_heads=kvh, group=group,
+        head_dim=e, max_len=60, decode_only=True, query_block=1)
+    assert md.decode_only and md.block_start.shape[0] * page_size > budget
+    out = np.asarray(jax.jit(lambda *a: ragged_paged_attention(
+        *a, md, sm_scale=e ** -0.5, sliding_window=window, soft_cap=soft_cap))(q, kc, vc, kn, vn))
+    for r, kv in enumerate(kv_lens):
+        s = md.query_start[r]
+        want = ref_dense_attention(q[s:s + 1], kh[r], vh[r], np.array([kv - 1]), kv,
+                                   sm_scale=e ** -0.5, sliding_window=window, soft_cap=soft_cap)
+        np.testing.assert_allclose(out[s:s + 1], np.asarray(want), atol=1e-5, rtol=1e-5)
+    assert np.all(out[sum(q_lens):] == 0)
+
+
 @pytest.mark.parametrize("decode_only,query_block", [(True, 1), (False, 4)])
 def test_bf16_cache_stored_as_bits(decode_only, query_block):
     """A bf16 cache kept as its uint16 bits (CPU) reads and writes exactly as a bf16 cache."""
