@@ -8,17 +8,19 @@ pages of 16), B decode requests with `context` cached tokens each on shuffled pa
 table as wide as the runner's (max_model_len 2048), NaN in every slot not cached. A bf16 cache
 is stored as its uint16 bits, as on CPU (kernels/storage.py). Every variant is checked against
 the landed path on the same inputs, then all are timed interleaved in one process (rounds in
-rotated order, min of the rounds: the machine is shared); "cpu ms" is the process CPU time of
-the call (all threads), less disturbed by other processes than the wall time. The floor is the
-KV bytes the step must read over the copy bandwidth (numpy, read + write, as decode_profile.py
-counts it), the best measured between rounds.
+rotated order: the machine is shared): "ms" is the least time of the rounds, "paired" the median
+over rounds of landed's time / the row's time in the same round (robust to load that drifts
+between rounds; > 1: the row is faster), "cpu ms" the least process CPU time (all threads). Every call starts
+with cold caches (see flush). The floor is the KV bytes the step must read over the copy
+bandwidth (numpy, read + write, as decode_profile.py counts it), the best measured between
+rounds.
 
 Rows by default: `landed` (kernels.ragged_paged_attention: chunks of DECODE_STEP_TOKENS / B
-positions), `chunks of 256` (the same formulation with the chunk of 256 it had before), and
-`gather only` (the landed chunk loop gathering each chunk's K and V pages and summing them: the
-limit of any formulation that gathers pages before its products). `--variants all` adds the
-alternatives tried (each at every --chunks value; -T means T positions of all requests
-together per step, the chunk T / B):
+positions, at most 256), `chunks of 256` (the same formulation with the fixed chunk it had
+before), and `gather only` (the landed chunk loop gathering each chunk's K and V pages and
+summing them: the limit of any formulation that gathers pages before its products). `--variants all` adds the alternatives tried, each at every
+--chunks value (-T: T positions of all requests together per step, the chunk T / B, at most 256):
+  landed products  the landed formulation at that chunk size
   (a) mulreduce    no dots: scores and PV as multiply + reduce, the gather fused into them
                    (XLA:CPU 0.10 miscompiles it at B=1: jitted it differs from the same code
                    run op by op, which matches the landed path; the check prints WRONG)
@@ -189,6 +191,7 @@ def variants(chunks, everything: bool):
     if everything:
         for c in chunks:
             sfx = f" c{c}" if c > 0 else f" /{-c}"
+            v["landed products" + sfx] = functools.partial(online, chunk_tokens=c, scores_pv=landed_sp)
             v["(a) mulreduce" + sfx] = functools.partial(online, chunk_tokens=c, scores_pv=mulreduce_sp)
             v["(b) keys as rows" + sfx] = functools.partial(online, chunk_tokens=c, scores_pv=rows_sp)
             v["(e) E-rows" + sfx] = functools.partial(nkce, chunk_tokens=c, index=idx_erows, row=E)
@@ -201,6 +204,16 @@ def copy_bandwidth(repeats=5) -> float:
     y = np.empty_like(x)
     best = min(_once(lambda: np.copyto(y, x)) for _ in range(repeats))
     return 2 * x.nbytes / best
+
+
+_SWEEP = np.ones(2 * 64 * 2**20 // 4, np.float32), np.empty(2 * 64 * 2**20 // 4, np.float32)
+
+
+def flush():
+    """Evict the caches (a copy of 2 x 128 MiB), as the other 29 layers of a step do: a layer's
+    KV pages (12.6 MB at batch 32 and 256 tokens, float32) would otherwise stay in the last-level
+    cache from one timed call to the next, which no step of the model sees."""
+    np.copyto(_SWEEP[1], _SWEEP[0])
 
 
 def _once(fn, clock=time.perf_counter):
@@ -240,7 +253,7 @@ def main():
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--contexts", default="256,1024")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--chunks", default="-2048,256", help="chunk sizes of the alternatives "
+    ap.add_argument("--chunks", default="-2048,64", help="chunk sizes of the alternatives "
                     "(-T: T positions of all requests together per step, the chunk T / B)")
     ap.add_argument("--variants", default="", help="'all', or comma-separated name prefixes of "
                     "the alternatives to add (default: none)")
@@ -253,9 +266,9 @@ def main():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; one layer, {H} q heads, {K} kv heads, E={E}, "
           f"pages of {S}, table {MAX_LEN // S} pages; min of {a.repeats} interleaved rounds")
-    print("(the floor uses the best copy bandwidth measured so far; 'x landed': landed time / row time)")
+    print("(the floor uses the best copy bandwidth measured so far; paired: median of landed / row)")
     print(f"{'dtype':<9}{'B':>3}{'ctx':>6} {'variant':<24}{'ms':>8}{'floor':>7}{'x floor':>8}"
-          f"{'x landed':>9}{'cpu ms':>8}{'x landed':>9}")
+          f"{'paired':>8}{'cpu ms':>8}")
     rng = np.random.default_rng(0)
     for dtype in a.dtypes.split(","):
         for context in (int(c) for c in a.contexts.split(",")):
@@ -273,21 +286,24 @@ def main():
                     got = np.asarray(fns[name](*inputs[name]), np.float32)
                     if name != "gather only" and not np.allclose(got, want, atol=tol, rtol=tol):
                         print(f"  {name}: WRONG, max diff {np.nanmax(np.abs(got - want))}")
-                best = {name: float("inf") for name in fns}
-                cpu = dict(best)
+                wall = {name: [] for name in fns}
+                cpu = {name: float("inf") for name in fns}
                 names = list(fns)
                 for r in range(a.repeats):
                     for name in names[r % len(names):] + names[:r % len(names)]:  # rotated
                         f = fns[name]
-                        best[name] = min(best[name], _once(lambda: f(*inputs[name])))
+                        flush()
+                        wall[name].append(_once(lambda: f(*inputs[name])))
+                        flush()
                         cpu[name] = min(cpu[name], _once(lambda: f(*inputs[name]), time.process_time))
                     bw = max(bw, copy_bandwidth(1))  # the least disturbed copy of the run so far
                 floor = kv_bytes / bw
                 for name in fns:
-                    print(f"{dtype:<9}{batch:>3}{context:>6} {name:<24}{best[name] * 1e3:8.2f}"
-                          f"{floor * 1e3:7.2f}{best[name] / floor:8.1f}"
-                          f"{best['landed'] / best[name]:9.2f}{cpu[name] * 1e3:8.2f}"
-                          f"{cpu['landed'] / cpu[name]:9.2f}", flush=True)
+                    best = min(wall[name])
+                    paired = np.median(np.array(wall["landed"]) / np.array(wall[name]))
+                    print(f"{dtype:<9}{batch:>3}{context:>6} {name:<24}{best * 1e3:8.2f}"
+                          f"{floor * 1e3:7.2f}{best / floor:8.1f}{paired:8.2f}{cpu[name] * 1e3:8.2f}",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -90,18 +90,22 @@ def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chu
     assert np.all(out[t_used:] == 0), "padding tokens must produce zeros, not NaN"
 
 
-@pytest.mark.parametrize("budget,window,soft_cap", [(8, None, 5.0), (30, 6, None)])
-def test_decode_chunk_budget(budget, window, soft_cap, monkeypatch):
-    """Decode steps size their chunks from DECODE_STEP_TOKENS / blocks: here one page per chunk
-    (budget 8 over 9 blocks rounds up to a page) or 3 positions a block, so 1 page (budget 30),
-    with a soft cap or a window that starts mid-chunk; still dense attention."""
-    monkeypatch.setattr(rpa, "DECODE_STEP_TOKENS", budget)
-    rng = np.random.default_rng(11)
+@pytest.mark.parametrize("limit,window,soft_cap", [
+    ("chunk", None, 5.0), ("budget", 6, None), ("budget", None, 5.0)])
+def test_decode_one_page_chunks(limit, window, soft_cap, monkeypatch):
+    """The decode path with chunks of one page (many loop steps, a window starting mid-chunk),
+    set by CHUNK_TOKENS or by the DECODE_STEP_TOKENS budget (8 positions over 9 blocks: at
+    least a page), and with a soft cap; still dense attention."""
     page_size, kvh, group, e = 4, 2, 3, 16
+    if limit == "chunk":
+        monkeypatch.setattr(rpa, "CHUNK_TOKENS", page_size)
+    else:
+        monkeypatch.setattr(rpa, "DECODE_STEP_TOKENS", 8)
+    rng = np.random.default_rng(11)
     md, q, kc, vc, kn, vn, q_lens, kv_lens, kh, vh, _ = random_batch(
         rng, num_requests=6, page_size=page_size, num_pages=160, kv_heads=kvh, group=group,
         head_dim=e, max_len=60, decode_only=True, query_block=1)
-    assert md.decode_only and md.block_start.shape[0] * page_size > budget
+    assert md.decode_only
     out = np.asarray(jax.jit(lambda *a: ragged_paged_attention(
         *a, md, sm_scale=e ** -0.5, sliding_window=window, soft_cap=soft_cap))(q, kc, vc, kn, vn))
     for r, kv in enumerate(kv_lens):
