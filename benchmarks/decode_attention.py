@@ -15,11 +15,10 @@ with cold caches (see flush). The floor is the KV bytes the step must read over 
 bandwidth (numpy, read + write, as decode_profile.py counts it), the best measured between
 rounds.
 
-Rows by default: `landed` (kernels.ragged_paged_attention, chunks of CHUNK_TOKENS = 256),
-`chunks of 2048 / B` (the same with a chunk of 2048 / B positions, at most 256: 64 at B = 32,
-so the gathered copy is smaller; paired runs disagreed on it, see docs/performance.md), and
-`gather only` (the landed chunk loop gathering each chunk's K and V pages and summing them: the
-limit of any formulation that gathers pages before its products). `--variants all` adds the alternatives tried, each at every
+Rows by default: `landed` (kernels.ragged_paged_attention: chunks of DECODE_STEP_TOKENS / B
+positions, at most 256), `chunks of 256` (the same formulation with the fixed chunk it had
+before), and `gather only` (the landed chunk loop gathering each chunk's K and V pages and
+summing them: the limit of any formulation that gathers pages before its products). `--variants all` adds the alternatives tried, each at every
 --chunks value (-T: T positions of all requests together per step, the chunk T / B, at most 256):
   landed products  the landed formulation at that chunk size
   (a) mulreduce    no dots: scores and PV as multiply + reduce, the gather fused into them
@@ -187,8 +186,8 @@ LAYOUTS = {"(f)": lambda x: x.transpose(0, 2, 1, 3)}  # variants reading a [P, K
 
 def variants(chunks, everything: bool):
     v = {"landed": rpa.ref_ragged_paged_attention,
-         "chunks of 2048 / B": functools.partial(online, chunk_tokens=-2048, scores_pv=landed_sp),
-         "gather only": functools.partial(gather_only, chunk_tokens=rpa.CHUNK_TOKENS)}
+         "chunks of 256": functools.partial(online, chunk_tokens=256, scores_pv=landed_sp),
+         "gather only": functools.partial(gather_only, chunk_tokens=-rpa.DECODE_STEP_TOKENS)}
     if everything:
         for c in chunks:
             sfx = f" c{c}" if c > 0 else f" /{-c}"

@@ -90,12 +90,17 @@ def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chu
     assert np.all(out[t_used:] == 0), "padding tokens must produce zeros, not NaN"
 
 
-@pytest.mark.parametrize("window,soft_cap", [(None, 5.0), (6, None)])
-def test_decode_one_page_chunks(window, soft_cap, monkeypatch):
-    """The decode path with chunks of one page (many loop steps, a window starting mid-chunk)
-    and with a soft cap; still dense attention."""
+@pytest.mark.parametrize("limit,window,soft_cap", [
+    ("chunk", None, 5.0), ("budget", 6, None), ("budget", None, 5.0)])
+def test_decode_one_page_chunks(limit, window, soft_cap, monkeypatch):
+    """The decode path with chunks of one page (many loop steps, a window starting mid-chunk),
+    set by CHUNK_TOKENS or by the DECODE_STEP_TOKENS budget (8 positions over 9 blocks: at
+    least a page), and with a soft cap; still dense attention."""
     page_size, kvh, group, e = 4, 2, 3, 16
-    monkeypatch.setattr(rpa, "CHUNK_TOKENS", page_size)
+    if limit == "chunk":
+        monkeypatch.setattr(rpa, "CHUNK_TOKENS", page_size)
+    else:
+        monkeypatch.setattr(rpa, "DECODE_STEP_TOKENS", 8)
     rng = np.random.default_rng(11)
     md, q, kc, vc, kn, vn, q_lens, kv_lens, kh, vh, _ = random_batch(
         rng, num_requests=6, page_size=page_size, num_pages=160, kv_heads=kvh, group=group,

@@ -26,6 +26,16 @@ from jaxserve.kernels.storage import from_storage, to_storage
 
 
 CHUNK_TOKENS = 256  # cache positions per step of the online-softmax loop
+# Decode-only steps: cache positions of all requests together per step of the loop, so each
+# request's chunk is DECODE_STEP_TOKENS / N positions (at most CHUNK_TOKENS, at least a page).
+# Each step gathers its K and V pages into a [N, K, C, E] copy that both products then read;
+# smaller copies stay in cache between the gather and the products. Measured on SmolLM2-135M's
+# shape, one layer, caches evicted before each call (benchmarks/decode_attention.py and paired
+# runs alternating the variants in one process on a shared 2-core machine, median of 21-25
+# pairs): against chunks of 256, float32 batch 32 with 1024 cached tokens 1.30-1.41x faster,
+# batch 64 with 256 1.49-1.76x, bfloat16 batch 32 with 256 1.15x (one full-table run saw no
+# gain: see docs/performance.md). Batches up to 8 keep chunks of 256.
+DECODE_STEP_TOKENS = 2048
 BLOCKS_PER_GROUP = 8  # query blocks attended together (a prefill step loops over groups)
 
 
