@@ -389,3 +389,15 @@ def test_logprob_texts_concatenate_to_the_text_on_sentencepiece():
             lps[t].decoded_token for t, lps in zip(ids[1:], done.prompt_logprobs[1:])]
         assert "".join(texts) == tok.decode(ids, skip_special_tokens=False)
     assert any(t.startswith(" ") for t in texts)  # "▁world" keeps its space
+
+
+def test_a_step_budget_above_max_model_len(make_tiny_engine, engine):
+    """Token buckets up to max_num_batched_tokens (several requests' prompts) above what one
+    request may hold: warmup's dummy batches must fit one request's page table."""
+    small = make_tiny_engine(max_model_len=64, max_num_batched_tokens=256, page_size=16,
+                             num_kv_pages=64)
+    ps = prompts(5, seed=13, lo=40, hi=58)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    got, want = run(small, ps, params), run(engine, ps, params)
+    assert {r: o.outputs[0].token_ids for r, o in got.items()} == \
+        {r: o.outputs[0].token_ids for r, o in want.items()}

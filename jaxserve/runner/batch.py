@@ -80,8 +80,9 @@ class BatchBuilder:
                               num_blocks=b.num_blocks, query_block=b.query_block)
 
     def dummy(self, b: Bucket):
-        """(token ids, metadata, logits indices) of a batch that writes only page 0."""
-        n = 1 if b.query_block == 1 else b.num_tokens
+        """(token ids, metadata, logits indices) of a batch that writes only page 0: one request
+        of as many tokens as the bucket (and one request's page table) holds."""
+        n = 1 if b.query_block == 1 else min(b.num_tokens, self.max_pages_per_request * self.page_size)
         md = self.metadata(b, [n], [n], [[0] * self.max_pages_per_request])
         rows = self.buckets.sampler_rows(b.num_requests)
         return np.zeros(b.num_tokens, np.int32), md, np.zeros(rows, np.int32)
