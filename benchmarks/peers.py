@@ -158,6 +158,11 @@ def dense_default_folder(folder: pathlib.Path | None = None) -> pathlib.Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
+    return _save(model, folder)
+
+
+def _save(model, folder: pathlib.Path) -> pathlib.Path:
+    """Write `model` and SmolLM2's tokenizer as an HF folder, whole or not at all."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a run cut short before
     model.save_pretrained(str(tmp), safe_serialization=True)
@@ -178,9 +183,4 @@ def tiny_folder(folder: pathlib.Path | None = None, seed: int = 0) -> pathlib.Pa
     torch.manual_seed(seed)
     config = LlamaConfig(**{k: v for k, v in TINY.items() if k not in ("architectures", "model_type")})
     model = LlamaForCausalLM(config).to(torch.float32)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a run cut short before
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    _save_tokenizer(tmp)
-    tmp.rename(folder)
-    return folder
+    return _save(model, folder)

@@ -407,16 +407,17 @@ class Scheduler(LayeredPrefill):
     def _register_computed_pages(self, request: Request) -> None:
         """Offer the request's newly completed full pages (prompt or output) to the prefix cache:
         pages computed, or computed by a step already scheduled, whose tokens are all known."""
-        if not self.config.enable_prefix_caching:
-            return
+        size = self.config.page_size
+        if not self.config.enable_prefix_caching or \
+                request.num_computed_tokens // size <= request.num_registered_pages:
+            return  # (the common case, on every entry of every step: nothing new)
         ids, pending = request.output_token_ids, 0
         while pending < len(ids) and ids[-1 - pending] == PENDING_TOKEN:
             pending += 1
-        num_full = min(request.num_computed_tokens,
-                       request.num_tokens - pending) // self.config.page_size
+        num_full = min(request.num_computed_tokens, request.num_tokens - pending) // size
         if num_full <= request.num_registered_pages:
             return
-        hashes = request.page_hashes(self.config.page_size, num_full)
+        hashes = request.page_hashes(size, num_full)
         for i in range(request.num_registered_pages, num_full):
             self.page_manager.register(request.page_ids[i], hashes[i])
         request.num_registered_pages = num_full
