@@ -28,8 +28,11 @@ class Programs:
     def __init__(self, replicated):
         self.replicated = replicated
         self.compiled: dict[tuple, jax.stages.Compiled] = {}
-        self.seconds = 0.0  # wall time spent compiling
+        self.seconds = 0.0  # wall time spent compiling (and lowering, inside deferred())
+        self.compile_seconds: dict[tuple, float] = {}  # each program's compile (benchmarks/warmup.py)
         self._lowered: dict[tuple, jax.stages.Lowered] | None = None  # inside deferred()
+        self._compiling: dict[tuple, concurrent.futures.Future] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def get(self, key: tuple, jitted, *args, **static):
         """The executable for `key`. Inside `deferred()` a new program is only lowered, and what
@@ -40,32 +43,41 @@ class Programs:
             lowered = self._lowered.get(key)
             if exe is None and lowered is None:
                 lowered = self._lowered[key] = jitted.lower(*self._spec(args), **static)
+                self._compiling[key] = self._pool.submit(self._compile, key, lowered)
             info = (exe or lowered).out_info
             return lambda *_: info
         if exe is None:
             t0 = time.perf_counter()
-            exe = self.compiled[key] = jitted.lower(*self._spec(args), **static).compile()
+            exe = self.compiled[key] = self._compile(key, jitted.lower(*self._spec(args), **static))
             self.seconds += time.perf_counter() - t0
+        return exe
+
+    def _compile(self, key: tuple, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        t0 = time.perf_counter()
+        exe = lowered.compile()
+        self.compile_seconds[key] = time.perf_counter() - t0
         return exe
 
     @contextlib.contextmanager
     def deferred(self, progress: bool):
-        """Programs met inside are lowered; on leaving they compile in a thread per CPU core
-        (XLA compiles outside the GIL: 2x on this 2-core machine)."""
+        """Programs met inside are lowered and start compiling at once in a thread per CPU core
+        (XLA compiles outside the GIL: 2x on this 2-core machine, and the lowering of the next
+        program overlaps the compiles); on leaving, every compile is waited for."""
         from tqdm.auto import tqdm
 
-        self._lowered = {}
+        t0 = time.perf_counter()
+        self._lowered, self._compiling = {}, {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
         try:
             yield
         finally:
-            lowered, self._lowered = self._lowered, None
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool, tqdm(
-                total=len(lowered), desc="Compiling", disable=not progress, unit="program") as bar:
-            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
-            for done in concurrent.futures.as_completed(futures):
-                self.compiled[futures[done]] = done.result()
-                bar.update()
+            self._lowered, compiling = None, self._compiling
+            with self._pool, tqdm(total=len(compiling), desc="Compiling", disable=not progress,
+                                  unit="program") as bar:
+                keys = {future: key for key, future in compiling.items()}
+                for done in concurrent.futures.as_completed(keys):
+                    self.compiled[keys[done]] = done.result()
+                    bar.update()
         self.seconds += time.perf_counter() - t0
 
     def _spec(self, args):
