@@ -110,7 +110,7 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
     sp = SamplingTensors.from_params([SamplingParams(temperature=0)] * batch, [0] * batch,
                                      [[]] * batch, [[]] * batch, c.vocab_size, pad_to=b.num_requests)
     sp, ban = r._put((sp, np.zeros((b.num_requests, 0), np.int32)))
-    t_sample = timed(lambda: r._run_sampler(logits, sp, ban, 0).token_ids, repeats)
+    t_sample = timed(lambda: r._run_sampler(logits, sp, ban, 0)[0].token_ids, repeats)
 
     t_host = _host_time(r, batch, context, repeats)
 

@@ -97,7 +97,7 @@ class StepTimer:
         def step():
             logits, new_kv, _ = r._forward(b, ids, md, li)
             r._write_kv(b, new_kv, md.slot_mapping)
-            return r._run_sampler(logits, t, ban, 0).token_ids, r.kv
+            return r._run_sampler(logits, t, ban, 0)[0].token_ids, r.kv
 
         return timed(step, repeats)
 
