@@ -30,8 +30,8 @@ class Programs:
         self.compiled: dict[tuple, jax.stages.Compiled] = {}
         self.seconds = 0.0  # wall time spent compiling (and lowering, inside deferred())
         self.compile_seconds: dict[tuple, float] = {}  # each program's compile (benchmarks/warmup.py)
-        self._lowered: dict[tuple, jax.stages.Lowered] | None = None  # inside deferred()
-        self._compiling: dict[tuple, concurrent.futures.Future] = {}
+        # inside deferred(): each new program lowered, and its compile under way in _pool
+        self._deferred: dict[tuple, tuple[jax.stages.Lowered, concurrent.futures.Future]] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def get(self, key: tuple, jitted, *args, **static):
@@ -39,11 +39,11 @@ class Programs:
         is returned computes nothing: it gives the program's abstract outputs (shapes, dtypes,
         shardings), so that warmup walks every step shape without running one."""
         exe = self.compiled.get(key)
-        if self._lowered is not None:
-            lowered = self._lowered.get(key)
+        if self._deferred is not None:
+            lowered = self._deferred[key][0] if key in self._deferred else None
             if exe is None and lowered is None:
-                lowered = self._lowered[key] = jitted.lower(*self._spec(args), **static)
-                self._compiling[key] = self._pool.submit(self._compile, key, lowered)
+                lowered = jitted.lower(*self._spec(args), **static)
+                self._deferred[key] = lowered, self._pool.submit(self._compile, key, lowered)
             info = (exe or lowered).out_info
             return lambda *_: info
         if exe is None:
@@ -66,18 +66,19 @@ class Programs:
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
-        self._lowered, self._compiling = {}, {}
+        self._deferred = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
         try:
             yield
         finally:
-            self._lowered, compiling = None, self._compiling
-            with self._pool, tqdm(total=len(compiling), desc="Compiling", disable=not progress,
+            deferred, self._deferred = self._deferred, None
+            with self._pool, tqdm(total=len(deferred), desc="Compiling", disable=not progress,
                                   unit="program") as bar:
-                keys = {future: key for key, future in compiling.items()}
+                keys = {future: key for key, (_, future) in deferred.items()}
                 for done in concurrent.futures.as_completed(keys):
                     self.compiled[keys[done]] = done.result()
                     bar.update()
+            self._pool = None
         self.seconds += time.perf_counter() - t0
 
     def _spec(self, args):
