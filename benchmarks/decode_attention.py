@@ -15,10 +15,11 @@ with cold caches (see flush). The floor is the KV bytes the step must read over 
 bandwidth (numpy, read + write, as decode_profile.py counts it), the best measured between
 rounds.
 
-Rows by default: `landed` (kernels.ragged_paged_attention: chunks of DECODE_STEP_TOKENS / B
-positions, at most 256), `chunks of 256` (the same formulation with the fixed chunk it had
-before), and `gather only` (the landed chunk loop gathering each chunk's K and V pages and
-summing them: the limit of any formulation that gathers pages before its products). `--variants all` adds the alternatives tried, each at every
+Rows by default: `landed` (kernels.ragged_paged_attention as the model calls it: the C++
+kernel of kernels/cpu_paged_decode.cc where it builds), `jnp path` (the pure-jnp decode path,
+ref_ragged_paged_attention: chunks of DECODE_STEP_TOKENS / B positions, at most 256), and
+`gather only` (the jnp path's chunk loop gathering each chunk's K and V pages and summing
+them: the limit of any formulation that gathers pages before its products). `--variants all` adds the alternatives tried, each at every
 --chunks value (-T: T positions of all requests together per step, the chunk T / B, at most 256):
   landed products  the landed formulation at that chunk size
   (a) mulreduce    no dots: scores and PV as multiply + reduce, the gather fused into them
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import kernels
 from jaxserve.kernels import build_metadata
 from jaxserve.kernels.storage import BITS, from_storage, to_storage
 
@@ -185,8 +187,8 @@ LAYOUTS = {"(f)": lambda x: x.transpose(0, 2, 1, 3)}  # variants reading a [P, K
 
 
 def variants(chunks, everything: bool):
-    v = {"landed": rpa.ref_ragged_paged_attention,
-         "chunks of 256": functools.partial(online, chunk_tokens=256, scores_pv=landed_sp),
+    v = {"landed": kernels.ragged_paged_attention,
+         "jnp path": rpa.ref_ragged_paged_attention,
          "gather only": functools.partial(gather_only, chunk_tokens=-rpa.DECODE_STEP_TOKENS)}
     if everything:
         for c in chunks:

@@ -10,6 +10,7 @@ import pytest
 
 from jaxserve.kernels import build_metadata, num_query_blocks, ragged_paged_attention, write_kv
 from jaxserve.kernels.ragged_paged_attention import ref_dense_attention
+from jaxserve.kernels.storage import from_storage, storage_dtype, to_storage
 
 # the package re-exports a function of the module's name, so fetch the module itself
 rpa = importlib.import_module("jaxserve.kernels.ragged_paged_attention")
@@ -55,14 +56,17 @@ def random_batch(rng, *, num_requests, page_size, num_pages, kv_heads, group, he
     return md, qs, k_cache, v_cache, k_new, v_new, q_lens, kv_lens, k_hist, v_hist, tables
 
 
-@pytest.mark.parametrize("seed,decode_only,window,dtype,group,query_block,chunk", [
-    (0, False, None, jnp.float32, 1, 4, 256),
-    (1, True, None, jnp.float32, 4, 1, 8),  # several online-softmax chunks
-    (2, False, 7, jnp.float32, 3, 8, 12),  # chunks, window and blocks not aligned to pages
-    (3, False, None, jnp.bfloat16, 8, 4, 256),
-    (4, True, 5, jnp.bfloat16, 2, 1, 8),  # decode path: window over several chunks, bf16
+@pytest.mark.parametrize("seed,decode_only,window,dtype,group,query_block,chunk,impl", [
+    (0, False, None, jnp.float32, 1, 4, 256, "reference"),
+    (1, True, None, jnp.float32, 4, 1, 8, "reference"),  # several online-softmax chunks
+    (1, True, None, jnp.float32, 4, 1, 8, "cpu"),  # the C++ decode kernel
+    (2, False, 7, jnp.float32, 3, 8, 12, "reference"),  # chunks, window, blocks not page-aligned
+    (3, False, None, jnp.bfloat16, 8, 4, 256, "reference"),
+    (4, True, 5, jnp.bfloat16, 2, 1, 8, "reference"),  # decode: window over several chunks, bf16
+    (4, True, 5, jnp.bfloat16, 2, 1, 8, "cpu"),  # the kernel on a bf16 cache stored as bits
 ])
-def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chunk, monkeypatch):
+def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chunk, impl,
+                       monkeypatch):
     monkeypatch.setattr(rpa, "CHUNK_TOKENS", chunk)
     rng = np.random.default_rng(seed)
     page_size, kvh, e = 4, 2, 16
@@ -71,10 +75,13 @@ def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chu
         head_dim=e, decode_only=decode_only, query_block=query_block)
     assert md.decode_only == decode_only  # the decode path is the one under test
     cast = lambda x: jnp.asarray(x, dtype)
-    f = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=e ** -0.5, sliding_window=window))
-    out = np.asarray(f(cast(q), cast(kc), cast(vc), cast(kn), cast(vn)), np.float32)
+    store = lambda x: to_storage(cast(x), storage_dtype(dtype, "cpu"))  # as the runner keeps it
+    f = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=e ** -0.5, sliding_window=window,
+                                                  impl=impl))
+    out = np.asarray(f(cast(q), store(kc), store(vc), cast(kn), cast(vn)), np.float32)
     write = jax.jit(write_kv, donate_argnums=0)
-    ((k_out, v_out),) = write(((cast(kc), cast(vc)),), ((cast(kn), cast(vn)),), md.slot_mapping)
+    ((k_out, v_out),) = write(((store(kc), store(vc)),), ((cast(kn), cast(vn)),), md.slot_mapping)
+    k_out, v_out = from_storage(k_out), from_storage(v_out)
     k_out, v_out = np.asarray(k_out, np.float32), np.asarray(v_out, np.float32)
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
     for r, (ql, kv) in enumerate(zip(q_lens, kv_lens)):
@@ -90,16 +97,18 @@ def test_matches_dense(seed, decode_only, window, dtype, group, query_block, chu
     assert np.all(out[t_used:] == 0), "padding tokens must produce zeros, not NaN"
 
 
-@pytest.mark.parametrize("limit,window,soft_cap", [
-    ("chunk", None, 5.0), ("budget", 6, None), ("budget", None, 5.0)])
-def test_decode_one_page_chunks(limit, window, soft_cap, monkeypatch):
-    """The decode path with chunks of one page (many loop steps, a window starting mid-chunk),
-    set by CHUNK_TOKENS or by the DECODE_STEP_TOKENS budget (8 positions over 9 blocks: at
-    least a page), and with a soft cap; still dense attention."""
+@pytest.mark.parametrize("limit,window,soft_cap,impl", [
+    ("chunk", None, 5.0, "reference"), ("budget", 6, None, "reference"),
+    ("budget", None, 5.0, "reference"), (None, 6, None, "cpu"), (None, None, 5.0, "cpu")])
+def test_decode_one_page_chunks(limit, window, soft_cap, impl, monkeypatch):
+    """The jnp decode path with chunks of one page (many loop steps, a window starting
+    mid-chunk), set by CHUNK_TOKENS or by the DECODE_STEP_TOKENS budget (8 positions over 9
+    blocks: at least a page), and with a soft cap; and the C++ kernel (a window starting
+    mid-page, a soft cap). Both still dense attention."""
     page_size, kvh, group, e = 4, 2, 3, 16
     if limit == "chunk":
         monkeypatch.setattr(rpa, "CHUNK_TOKENS", page_size)
-    else:
+    elif limit == "budget":
         monkeypatch.setattr(rpa, "DECODE_STEP_TOKENS", 8)
     rng = np.random.default_rng(11)
     md, q, kc, vc, kn, vn, q_lens, kv_lens, kh, vh, _ = random_batch(
@@ -107,7 +116,8 @@ def test_decode_one_page_chunks(limit, window, soft_cap, monkeypatch):
         head_dim=e, max_len=60, decode_only=True, query_block=1)
     assert md.decode_only
     out = np.asarray(jax.jit(lambda *a: ragged_paged_attention(
-        *a, md, sm_scale=e ** -0.5, sliding_window=window, soft_cap=soft_cap))(q, kc, vc, kn, vn))
+        *a, md, sm_scale=e ** -0.5, sliding_window=window, soft_cap=soft_cap,
+        impl=impl))(q, kc, vc, kn, vn))
     for r, kv in enumerate(kv_lens):
         s = md.query_start[r]
         want = ref_dense_attention(q[s:s + 1], kh[r], vh[r], np.array([kv - 1]), kv,
@@ -118,15 +128,16 @@ def test_decode_one_page_chunks(limit, window, soft_cap, monkeypatch):
 
 @pytest.mark.parametrize("decode_only,query_block", [(True, 1), (False, 4)])
 def test_bf16_cache_stored_as_bits(decode_only, query_block):
-    """A bf16 cache kept as its uint16 bits (CPU) reads and writes exactly as a bf16 cache."""
-    from jaxserve.kernels.storage import BITS, from_storage, to_storage
+    """A bf16 cache kept as its uint16 bits (CPU) reads and writes exactly as a bf16 cache, in
+    the jnp path (the C++ kernel reads only the bits: test_matches_dense)."""
+    from jaxserve.kernels.storage import BITS
 
     rng = np.random.default_rng(5)
     md, q, kc, vc, kn, vn, *_ = random_batch(
         rng, num_requests=5, page_size=4, num_pages=96, kv_heads=2, group=2, head_dim=16,
         decode_only=decode_only, query_block=query_block)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-    f = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=0.25))
+    f = jax.jit(lambda *a: ragged_paged_attention(*a, md, sm_scale=0.25, impl="reference"))
     want = f(bf(q), bf(kc), bf(vc), bf(kn), bf(vn))
     bits = to_storage(bf(kc), BITS), to_storage(bf(vc), BITS)
     assert bits[0].dtype == jnp.uint16

@@ -182,9 +182,15 @@ def test_dispatch_defaults_and_errors():
     args = [jnp.asarray(x) for x in arrays]
     assert kernels.backend_of(args[0]) == "cpu"
     want = ref_ragged_paged_attention(*args, md, sm_scale=0.1)
-    for impl in (None, "reference"):  # on CPU the default is the reference
-        out = kernels.ragged_paged_attention(*args, md, sm_scale=0.1, impl=impl)
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    out = kernels.ragged_paged_attention(*args, md, sm_scale=0.1, impl="reference")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    # on CPU the default is the C++ decode kernel for decode-only steps, the reference otherwise
+    assert md.decode_only
+    kernel = kernels.ragged_paged_attention(*args, md, sm_scale=0.1, impl="cpu")
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(want), atol=1e-5, rtol=1e-5)
+    out = kernels.ragged_paged_attention(*args, md, sm_scale=0.1)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(kernel))
+
     with pytest.raises(ValueError, match="interpret=True"):
         kernels.ragged_paged_attention(*args, md, sm_scale=0.1, impl="tpu")
     with pytest.raises(ValueError, match="unknown attention impl"):

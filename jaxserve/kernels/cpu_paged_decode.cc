@@ -1,0 +1,421 @@
+// Decode attention over a paged KV cache, for XLA:CPU through the XLA FFI (jax.ffi).
+//
+// Why a kernel: XLA:CPU lowers a gather to a loop over output elements that redoes the index
+// arithmetic for every element, so gathering a request's pages alone ran 3-12x above the copy
+// bandwidth's floor (docs/performance.md). This reads each page where it lies, once, and does
+// the online softmax as it goes: every byte of K/V is loaded once, from memory, in the cache's
+// own layout [P, S, K, E].
+//
+// One call: N requests with one query token each (a decode-only step).
+//   q        [N, H, E] f32     the token's queries; head h = k * G + g (G = H / K)
+//   k_cache  [P, S, K, E]      f32, or bfloat16 stored as its uint16 bits (kernels/storage.py)
+//   v_cache  [P, S, K, E]      same dtype as k_cache
+//   k_new    [N, K, E] f32     the token's own key and value (not yet in the cache)
+//   v_new    [N, K, E] f32
+//   table    [N, W] s32        each request's pages, in order
+//   cached   [N] s32           cached positions before the token (0 for padding rows)
+//   q_pos    [N] s32           the token's position (for the sliding window)
+//   attrs    sm_scale, soft_cap (0: none), window (0: none)
+//   out      [N, H, E] f32
+// Work items are requests (or, for small batches, (request, KV head) pairs), spread over XLA's
+// intra-op thread pool; the calling thread takes items too, so the call finishes even when the
+// pool has no free thread. Each item walks its pages in order, prefetching two pages ahead (the
+// pages lie anywhere in the pool, which the hardware prefetcher cannot guess), and per page
+// and KV head computes its G heads' scores, one rescale, then the weighted values, in vectors
+// of 8 floats (GCC vector extensions: AVX2 or AVX-512 under -march=native).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 8 floats, whatever the vector unit (AVX2 and AVX-512 both run it in ymm registers).
+typedef float V8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+typedef uint16_t U8 __attribute__((vector_size(16)));
+typedef uint32_t W8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+constexpr int64_t kMaxPage = 64;  // page sizes up to this (scratch sizes)
+constexpr int64_t kMaxDim = 256;  // head dims up to this, a multiple of kLanes
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head up to this
+// Pages prefetched ahead of the one being read. Measured at batch 32, 1024 cached tokens: 0,
+// 1, 2 or 4 pages ahead, into L1 or L2, within 10% of each other (the kernel is not yet
+// bound by memory latency); 2 it is.
+constexpr int64_t kAhead = 2;
+
+inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
+inline V8 Load8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline V8 Load8(const uint16_t* p) {  // bfloat16 bits -> float32: the float's high half
+  U8 u;
+  std::memcpy(&u, p, sizeof u);
+  W8 w = __builtin_convertvector(u, W8) << 16;
+  V8 v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+inline void Store8(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
+inline V8 Max(V8 a, V8 b) { return a > b ? a : b; }
+inline V8 Min(V8 a, V8 b) { return a < b ? a : b; }
+// Within each 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3] (x86's hadd).
+inline V8 PairSums(V8 a, V8 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+// The sums of 8 vectors, as the 8 lanes of one (a transposing reduction: 21 operations
+// instead of 8 horizontal sums of ~10 each).
+inline V8 Sums8(const V8* d) {
+  const V8 h0 = PairSums(PairSums(d[0], d[1]), PairSums(d[2], d[3]));
+  const V8 h1 = PairSums(PairSums(d[4], d[5]), PairSums(d[6], d[7]));
+  return __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+inline float Sum8(V8 v) {
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
+}
+inline float Max8(V8 v) {
+  v = Max(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = Max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+  v = Max(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+  return v[0];
+}
+
+// e^x of 8 floats, Cephes' expf: x = n ln2 + r, e^r by a degree-6 polynomial, 2^n through the
+// exponent bits; relative error ~1e-7 (x is clamped to [-87, 88]: scores minus their max are
+// <= 0, and e^-87 is 0 for every sum here).
+inline V8 Exp8(V8 x) {
+  x = Min(Max(x, Splat(-87.0f)), Splat(88.0f));
+  V8 fx = x * 1.44269504088896341f + 0.5f;
+  V8 n = __builtin_convertvector(__builtin_convertvector(fx, I8), V8);
+  n = n > fx ? n - 1.0f : n;  // floor (the conversion truncates toward zero)
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const V8 z = x * x;
+  V8 y = Splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  I8 bits = (__builtin_convertvector(n, I8) + 127) << 23;
+  V8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+struct Problem {
+  const float* q;
+  const void* k_cache;
+  const void* v_cache;
+  const float* k_new;
+  const float* v_new;
+  const int32_t* table;
+  const int32_t* cached;
+  const int32_t* q_pos;
+  float* out;
+  int64_t num_pages, page_size, kv_heads, head_dim, group, table_width;
+  float sm_scale, soft_cap;
+  int64_t window;
+  int64_t heads_per_item;  // KV heads one work item takes (all of them, or 1 for small batches)
+};
+
+// Softmax state of one query head: running max, running sum, weighted values (E floats).
+struct Head {
+  float m, l;
+  alignas(32) float acc[kMaxDim];
+};
+
+inline float Capped(const Problem& p, float dot) {
+  const float s = dot * p.sm_scale;
+  return p.soft_cap > 0 ? p.soft_cap * std::tanh(s / p.soft_cap) : s;
+}
+
+template <typename T>
+void Prefetch(const Problem& p, const T* cache, int64_t page, int64_t k0, int64_t k1) {
+  const int64_t S = p.page_size, K = p.kv_heads, E = p.head_dim;
+  const int64_t bytes = (k1 - k0) * E * int64_t(sizeof(T));
+  for (int64_t j = 0; j < S; ++j) {
+    const char* row = reinterpret_cast<const char*>(cache + ((page * S + j) * K + k0) * E);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+  }
+}
+
+// Scores of GB query heads (GB fixed: the accumulators stay in registers) against the key
+// rows, left as 8-lane partial sums: dots[g][j] (reduced 8 rows at a time by Sums8).
+template <int GB, int NV, typename T>
+inline void DotRows(const T* key, int64_t stride, int64_t count, const V8* q, int64_t runtime_nv,
+                    V8 (*dots)[kMaxPage]) {
+  const int64_t nv = NV > 0 ? NV : runtime_nv;  // a fixed NV unrolls the loop over E
+  for (int64_t j = 0; j < count; ++j, key += stride) {
+    V8 dot[GB] = {};
+    for (int64_t i = 0; i < nv; ++i) {
+      const V8 kv = Load8(key + i * kLanes);
+      for (int g = 0; g < GB; ++g) dot[g] += q[g * nv + i] * kv;
+    }
+    for (int g = 0; g < GB; ++g) dots[g][j] = dot[g];
+  }
+}
+
+// acc[g] += sum_j w[g][j] value_j for GB heads over W vectors of E (both fixed: GB * W sums in
+// registers, each value vector loaded, and converted, once for all GB heads).
+template <int GB, int W, typename T>
+inline void WeightRows(const T* value, int64_t stride, int64_t count, float (*w)[kMaxPage],
+                       Head* state, int64_t offset) {
+  V8 a[GB][W];
+  for (int g = 0; g < GB; ++g) {
+    for (int i = 0; i < W; ++i) a[g][i] = Load8(state[g].acc + offset + i * kLanes);
+  }
+  for (int64_t j = 0; j < count; ++j, value += stride) {
+    V8 v[W];
+    for (int i = 0; i < W; ++i) v[i] = Load8(value + i * kLanes);
+    for (int g = 0; g < GB; ++g) {
+      const V8 wj = Splat(w[g][j]);
+      for (int i = 0; i < W; ++i) a[g][i] += wj * v[i];
+    }
+  }
+  for (int g = 0; g < GB; ++g) {
+    for (int i = 0; i < W; ++i) Store8(state[g].acc + offset + i * kLanes, a[g][i]);
+  }
+}
+
+template <int GB, typename T>
+inline void WeightAll(const T* value, int64_t stride, int64_t count, float (*w)[kMaxPage],
+                      Head* state, int64_t nv) {
+  int64_t i = 0;
+  for (; i + 4 <= nv; i += 4) WeightRows<GB, 4>(value + i * kLanes, stride, count, w, state, i * kLanes);
+  for (; i < nv; ++i) WeightRows<GB, 1>(value + i * kLanes, stride, count, w, state, i * kLanes);
+}
+
+// The slots [slot0, slot0 + count) of one page for KV head k and its G query heads (q: [G, E]
+// in vectors, state: G heads): the scores (up to 4 heads per pass over the key rows), one
+// rescale of each head's state, then the weighted values (up to 3 heads per pass over the
+// value rows).
+template <typename T>
+void Page(const Problem& p, const T* kc, const T* vc, int64_t page, int64_t slot0, int64_t count,
+          int64_t k, const V8* q, Head* state) {
+  const int64_t K = p.kv_heads, E = p.head_dim, G = p.group, nv = E / kLanes;
+  const int64_t padded = (count + kLanes - 1) / kLanes * kLanes;
+  alignas(32) V8 dots[kMaxGroup][kMaxPage];
+  alignas(32) float s[kMaxGroup][kMaxPage];
+  const int64_t row0 = ((page * p.page_size + slot0) * K + k) * E, stride = K * E;
+  for (int64_t g = 0; g < G; g += 4) {
+    const V8* qg = q + g * nv;
+    const int64_t gb = std::min<int64_t>(4, G - g);
+    const T* key = kc + row0;
+    if (nv == 8) {  // head dim 64
+      switch (gb) {
+        case 4: DotRows<4, 8>(key, stride, count, qg, nv, dots + g); break;
+        case 3: DotRows<3, 8>(key, stride, count, qg, nv, dots + g); break;
+        case 2: DotRows<2, 8>(key, stride, count, qg, nv, dots + g); break;
+        default: DotRows<1, 8>(key, stride, count, qg, nv, dots + g); break;
+      }
+    } else if (nv == 16) {  // head dim 128
+      switch (gb) {
+        case 4: DotRows<4, 16>(key, stride, count, qg, nv, dots + g); break;
+        case 3: DotRows<3, 16>(key, stride, count, qg, nv, dots + g); break;
+        case 2: DotRows<2, 16>(key, stride, count, qg, nv, dots + g); break;
+        default: DotRows<1, 16>(key, stride, count, qg, nv, dots + g); break;
+      }
+    } else {
+      switch (gb) {
+        case 4: DotRows<4, 0>(key, stride, count, qg, nv, dots + g); break;
+        case 3: DotRows<3, 0>(key, stride, count, qg, nv, dots + g); break;
+        case 2: DotRows<2, 0>(key, stride, count, qg, nv, dots + g); break;
+        default: DotRows<1, 0>(key, stride, count, qg, nv, dots + g); break;
+      }
+    }
+  }
+  const V8 scale = Splat(p.sm_scale), minus_inf = Splat(-INFINITY);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t j = count; j < padded; ++j) dots[g][j] = V8{};
+    V8 mx = Splat(state[g].m);
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      V8 x = Sums8(&dots[g][j]) * scale;
+      if (p.soft_cap > 0) {
+        for (int i = 0; i < kLanes; ++i) x[i] = p.soft_cap * std::tanh(x[i] / p.soft_cap);
+      }
+      const V8 lane = Splat(float(j)) + V8{0, 1, 2, 3, 4, 5, 6, 7};
+      x = lane < Splat(float(count)) ? x : minus_inf;  // past the page's slots: weight 0
+      Store8(&s[g][j], x);
+      mx = Max(mx, x);
+    }
+    const float m = Max8(mx);
+    V8 sum{};
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      const V8 w = Exp8(Load8(&s[g][j]) - m);
+      Store8(&s[g][j], w);
+      sum += w;
+    }
+    if (m > state[g].m) {
+      const float correction = Exp8(Splat(state[g].m - m))[0];
+      state[g].l *= correction;
+      const V8 c = Splat(correction);
+      for (int64_t i = 0; i < nv; ++i) Store8(state[g].acc + i * kLanes, Load8(state[g].acc + i * kLanes) * c);
+      state[g].m = m;
+    }
+    // (each lane past the slots adds e^-87 ~ 2e-38 to a sum that is >= 1: nothing)
+    state[g].l += Sum8(sum);
+  }
+  for (int64_t g = 0; g < G; g += 3) {
+    switch (std::min<int64_t>(3, G - g)) {
+      case 3: WeightAll<3>(vc + row0, stride, count, s + g, state + g, nv); break;
+      case 2: WeightAll<2>(vc + row0, stride, count, s + g, state + g, nv); break;
+      default: WeightAll<1>(vc + row0, stride, count, s + g, state + g, nv); break;
+    }
+  }
+}
+
+// One work item: request n, KV heads [k0, k1), over its cached positions page by page, two
+// pages prefetched ahead.
+template <typename T>
+void Attend(const Problem& p, int64_t n, int64_t k0, int64_t k1, Head* heads) {
+  const int64_t S = p.page_size, K = p.kv_heads, E = p.head_dim, G = p.group, nv = E / kLanes;
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const int32_t* pages = p.table + n * p.table_width;
+  const int64_t end = p.cached[n];
+  const int64_t begin = p.window > 0 ? std::max<int64_t>(0, p.q_pos[n] - p.window + 1) : 0;
+  auto page_at = [&](int64_t index) {  // clamped: a bad table reads a wrong page, never faults
+    return std::clamp<int64_t>(pages[index], 0, p.num_pages - 1);
+  };
+  const int64_t first = begin / S, last = (end + S - 1) / S;  // pages [first, last)
+  for (int64_t i = first; i < std::min(first + kAhead, last); ++i) {
+    Prefetch(p, kc, page_at(i), k0, k1);
+    Prefetch(p, vc, page_at(i), k0, k1);
+  }
+  V8 q[kMaxGroup * kMaxDim / kLanes];
+  for (int64_t k = k0; k < k1; ++k) {  // the token attending to itself starts each head
+    Head* state = heads + (k - k0) * G;
+    const float* own_k = p.k_new + (n * K + k) * E;
+    const float* own_v = p.v_new + (n * K + k) * E;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = p.q + ((n * K + k) * G + g) * E;
+      V8 dot{};
+      for (int64_t i = 0; i < nv; ++i) dot += Load8(qg + i * kLanes) * Load8(own_k + i * kLanes);
+      state[g].m = Capped(p, Sum8(dot));
+      state[g].l = 1;
+      std::memcpy(state[g].acc, own_v, E * sizeof(float));
+    }
+  }
+  for (int64_t i = first; i < last; ++i) {
+    if (kAhead > 0 && i + kAhead < last) {
+      Prefetch(p, kc, page_at(i + kAhead), k0, k1);
+      Prefetch(p, vc, page_at(i + kAhead), k0, k1);
+    }
+    const int64_t lo = std::max(begin, i * S), hi = std::min(end, (i + 1) * S);
+    for (int64_t k = k0; k < k1; ++k) {
+      const float* qk = p.q + (n * K + k) * G * E;
+      for (int64_t x = 0; x < G * nv; ++x) q[x] = Load8(qk + x * kLanes);
+      Page(p, kc, vc, page_at(i), lo - i * S, hi - lo, k, q, heads + (k - k0) * G);
+    }
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const Head* state = heads + (k - k0) * G;
+    for (int64_t g = 0; g < G; ++g) {
+      float* out = p.out + ((n * K + k) * G + g) * E;
+      const V8 inv = Splat(1.0f / state[g].l);
+      for (int64_t i = 0; i < nv; ++i) Store8(out + i * kLanes, Load8(state[g].acc + i * kLanes) * inv);
+    }
+  }
+}
+
+// Items taken from a shared counter by the caller and by pool tasks; the caller waits only for
+// items already taken, so a task the pool starts late (or never) holds nothing up.
+struct Work {
+  Problem problem;
+  bool bits;  // the cache holds bfloat16 bits
+  int64_t items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Run() {
+    const Problem& p = problem;
+    const int64_t per = p.heads_per_item, chunks = p.kv_heads / per;
+    std::vector<Head> heads(per * p.group);
+    for (int64_t i; (i = next.fetch_add(1)) < items;) {
+      const int64_t n = i / chunks, k0 = i % chunks * per;
+      if (bits) {
+        Attend<uint16_t>(p, n, k0, k0 + per, heads.data());
+      } else {
+        Attend<float>(p, n, k0, k0 + per, heads.data());
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
+                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> k_new,
+                           ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> table,
+                           ffi::Buffer<ffi::S32> cached, ffi::Buffer<ffi::S32> q_pos,
+                           float sm_scale, float soft_cap, int64_t window,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), cd = k_cache.dimensions(), td = table.dimensions();
+  if (qd.size() != 3 || cd.size() != 4 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("paged_decode: q [N, H, E], caches [P, S, K, E], "
+                                       "table [N, W] expected");
+  }
+  const auto dtype = k_cache.element_type();
+  if (v_cache.element_type() != dtype ||
+      (dtype != ffi::DataType::F32 && dtype != ffi::DataType::U16)) {
+    return ffi::Error::InvalidArgument("paged_decode: caches must both be f32 or u16 (bf16 bits)");
+  }
+  const int64_t n = qd[0], h = qd[1], e = qd[2], kh = cd[2];
+  if (cd[3] != e || kh == 0 || h % kh != 0 || td[0] != n) {
+    return ffi::Error::InvalidArgument("paged_decode: mismatched shapes");
+  }
+  if (e % kLanes != 0 || e > kMaxDim || cd[1] > kMaxPage || h / kh > kMaxGroup) {
+    return ffi::Error::InvalidArgument("paged_decode: head dim must be a multiple of 8 up to "
+                                       "256, pages up to 64 slots, groups up to 16 heads");
+  }
+  auto work = std::make_shared<Work>();
+  work->problem = Problem{q.typed_data(), k_cache.untyped_data(), v_cache.untyped_data(),
+                          k_new.typed_data(), v_new.typed_data(), table.typed_data(),
+                          cached.typed_data(), q_pos.typed_data(), out->typed_data(),
+                          cd[0], cd[1], kh, e, h / kh, td[1], sm_scale, soft_cap, window, kh};
+  work->bits = dtype == ffi::DataType::U16;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Whole requests (each page read front to back) when there are enough of them to share out;
+  // (request, KV head) pairs for small batches.
+  if (n < 4 * threads) work->problem.heads_per_item = 1;
+  work->items = n * (kh / work->problem.heads_per_item);
+  const int64_t helpers = std::min<int64_t>(threads, work->items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecode, PagedDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k_cache
+                                  .Arg<ffi::AnyBuffer>()  // v_cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_new
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_new
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cached
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Attr<float>("sm_scale")
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
