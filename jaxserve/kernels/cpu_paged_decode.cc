@@ -31,6 +31,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -69,6 +70,13 @@ inline V8 Load8(const uint16_t* p) {  // bfloat16 bits -> float32: the float's h
   return v;
 }
 inline void Store8(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
+inline V8 RoundToBf16(V8 x) {  // to the nearest bfloat16, ties to even (finite x)
+  W8 bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
 inline V8 Max(V8 a, V8 b) { return a > b ? a : b; }
 inline V8 Min(V8 a, V8 b) { return a < b ? a : b; }
 // Within each 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3] (x86's hadd).
@@ -278,7 +286,9 @@ void Page(const Problem& p, const T* kc, const T* vc, int64_t page, int64_t slot
     V8 sum{};
     for (int64_t j = 0; j < padded; j += kLanes) {
       const V8 w = Exp8(Load8(&s[g][j]) - m);
-      Store8(&s[g][j], w);
+      // A bf16 cache weighs its values by probabilities rounded to bf16, as the jnp path and
+      // the Pallas kernels do (p cast to V's dtype for the PV product); the sum keeps float32.
+      Store8(&s[g][j], std::is_same_v<T, uint16_t> ? RoundToBf16(w) : w);
       sum += w;
     }
     if (m > state[g].m) {
