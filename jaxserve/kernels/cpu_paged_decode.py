@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 
 import jax
@@ -81,10 +82,11 @@ def build(cache_dir: pathlib.Path | None = None) -> pathlib.Path:
     return lib
 
 
+_LOCK = threading.Lock()
+
+
 @functools.cache
-def _load() -> str | None:
-    """Build, load and register the kernel once per process; None if it is available, else why
-    not."""
+def _load_once() -> str | None:
     if os.environ.get("JAXSERVE_CPU_KERNEL", "1") == "0":
         return "turned off by JAXSERVE_CPU_KERNEL=0"
     try:
@@ -93,6 +95,13 @@ def _load() -> str | None:
         return str(err)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxservePagedDecode), platform="cpu")
     return None
+
+
+def _load() -> str | None:
+    """Build, load and register the kernel once per process (programs traced from several
+    threads wait for the first); None if it is available, else why not."""
+    with _LOCK:
+        return _load_once()
 
 
 def unavailable_reason() -> str | None:
