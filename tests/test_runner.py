@@ -104,7 +104,7 @@ def test_bfloat16_programs_convert_no_cache_or_weight(make_tiny_engine, tiny_mod
         programs = {
             "embed": runner._embed.lower(el, ids),
             "layers": runner._layers.lower(group, lkv, hidden, md, None, None, None, sparse=None, refresh=None),
-            "head": runner._head.lower(hl, el, hidden, li),
+            "head": runner._head.lower(hl, el, hidden, li, rows=min(b.num_requests, len(li))),
         }
         logits, new_kv, _ = runner._forward(b, ids, md, li)
         programs["write"] = runner._write.lower(runner.kv, None, new_kv, md.slot_mapping)
@@ -117,3 +117,22 @@ def test_bfloat16_programs_convert_no_cache_or_weight(make_tiny_engine, tiny_mod
             hlo = lowered.compile().as_text()
             assert not converts_of(hlo, forbidden), (b, name, converts_of(hlo, forbidden)[:3])
             assert not cache_copies(hlo, cache_shape, "u16"), (b, name)
+
+
+def test_head_computes_only_the_request_rows(runner):
+    """A decode step of one request runs the head on its row alone (XLA:CPU's 8-row dot of the
+    tied head cost 3x a 1-row one), the logits padded to the sampler's rows with zeros."""
+    from jaxserve.runner.buckets import Bucket
+
+    b = Bucket(1, 1, 1)
+    rng = np.random.default_rng(0)
+    hidden = jax.numpy.asarray(rng.standard_normal((1, runner.config.hidden_size)), jax.numpy.float32)
+    li = np.zeros(runner.buckets.sampler_rows(1), np.int32)
+    assert len(li) == 8
+    logits = np.asarray(runner.logits(b, hidden, li))
+    assert logits.shape == (8, runner.config.vocab_size)
+    assert np.all(logits[1:] == 0)
+    model = runner.model
+    want = model.head(hidden, np.zeros(1, np.int32), model.embed)
+    np.testing.assert_allclose(logits[:1], np.asarray(want), rtol=1e-5, atol=1e-5)
+    # (before, the 7 padding rows were the logits of token 0: computed, not zero)

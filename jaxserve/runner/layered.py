@@ -150,9 +150,7 @@ class LayeredPrefillRunner:
             hidden = batch.hidden = self._group(b, stage.stage * s, s, batch.hidden, md)
             if not stage.is_last:
                 return None
-            hl, el = r._head_leaves, r._embed_leaves
-            logits = r._program(("head", b.num_tokens, b.num_requests), r._head,
-                                hl, el, hidden, li)(hl, el, hidden, li)
+            logits = r.logits(b, hidden, li)
         self.batch = None
         tensors, ban = r._inputs((inputs.sampling, inputs.banned))
         res, _ = r._run_sampler(logits, tensors, ban, inputs.num_logprobs)
