@@ -104,7 +104,7 @@ def test_bfloat16_programs_convert_no_cache_or_weight(make_tiny_engine, tiny_mod
         programs = {
             "embed": runner._embed.lower(el, ids),
             "layers": runner._layers.lower(group, lkv, hidden, md, None, None, None, sparse=None, refresh=None),
-            "head": runner._head.lower(hl, el, hidden, li, rows=min(b.num_requests, len(li))),
+            "head": runner._head.lower(hl, el, hidden, li, rows=b.num_requests),
         }
         logits, new_kv, _ = runner._forward(b, ids, md, li)
         programs["write"] = runner._write.lower(runner.kv, None, new_kv, md.slot_mapping)

@@ -5,8 +5,9 @@ arrays live on (`tpu_ragged_paged_attention` on TPU, `gpu_ragged_paged_attention
 CPU, decode-only steps run the C++ kernel of `cpu_paged_decode` (through the XLA FFI) where it
 builds, and everything else the pure-jnp reference
 (`ragged_paged_attention.ref_ragged_paged_attention`); `impl=` overrides the choice and
-`interpret=True` runs a kernel in Pallas interpret mode (CPU tests, benchmarks). Shapes a kernel cannot run (say, a head dim it cannot tile) fall back to the
-reference with one warning per reason. All of them only read the cache: the new K/V are
+`interpret=True` runs a kernel in Pallas interpret mode (CPU tests, benchmarks). Shapes a kernel
+cannot run (say, a head dim it cannot tile) fall back to the reference with one warning per
+reason. All of them only read the cache: the new K/V are
 written by `write_kv`, in a program of its own (see ragged_paged_attention.py for why).
 
 Sharded over a mesh (`mesh=`, tensor parallelism, see parallel.py): both run under `shard_map`,

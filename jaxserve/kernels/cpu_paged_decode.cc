@@ -170,7 +170,7 @@ void Prefetch(const Problem& p, const T* cache, int64_t page, int64_t k0, int64_
 // ahead_k, ahead_v: the same head's rows of a page read later, prefetched a row per row read
 // (or null): a steady trickle the load unit absorbs, where a page's worth at once stalled it.
 template <int GB, int NV, typename T>
-inline void DotRows(const T* key, int64_t stride, int64_t count, const V8* q, int64_t runtime_nv,
+inline void DotRows(const T* key, int64_t stride, int64_t count, const float* q, int64_t runtime_nv,
                     V8 (*dots)[kMaxPage], const T* ahead_k, const T* ahead_v) {
   const int64_t nv = NV > 0 ? NV : runtime_nv;  // a fixed NV unrolls the loop over E
   for (int64_t j = 0; j < count; ++j, key += stride) {
@@ -185,7 +185,7 @@ inline void DotRows(const T* key, int64_t stride, int64_t count, const V8* q, in
     V8 dot[GB] = {};
     for (int64_t i = 0; i < nv; ++i) {
       const V8 kv = Load8(key + i * kLanes);
-      for (int g = 0; g < GB; ++g) dot[g] += q[g * nv + i] * kv;
+      for (int g = 0; g < GB; ++g) dot[g] += Load8(q + (g * nv + i) * kLanes) * kv;
     }
     for (int g = 0; g < GB; ++g) dots[g][j] = dot[g];
   }
@@ -222,12 +222,12 @@ inline void WeightAll(const T* value, int64_t stride, int64_t count, float (*w)[
 }
 
 // The slots [slot0, slot0 + count) of one page for KV head k and its G query heads (q: [G, E]
-// in vectors, state: G heads): the scores (up to 4 heads per pass over the key rows), one
+// floats, state: G heads): the scores (up to 4 heads per pass over the key rows), one
 // rescale of each head's state, then the weighted values (up to 3 heads per pass over the
 // value rows).
 template <typename T>
 void Page(const Problem& p, const T* kc, const T* vc, int64_t page, int64_t slot0, int64_t count,
-          int64_t k, const V8* q, Head* state, int64_t ahead_page) {
+          int64_t k, const float* q, Head* state, int64_t ahead_page) {
   const int64_t K = p.kv_heads, E = p.head_dim, G = p.group, nv = E / kLanes;
   const int64_t padded = (count + kLanes - 1) / kLanes * kLanes;
   alignas(32) V8 dots[kMaxGroup][kMaxPage];
@@ -236,7 +236,7 @@ void Page(const Problem& p, const T* kc, const T* vc, int64_t page, int64_t slot
   const T* ak = nullptr;
   const T* av = nullptr;
   for (int64_t g = 0; g < G; g += 4) {
-    const V8* qg = q + g * nv;
+    const float* qg = q + g * E;
     const int64_t gb = std::min<int64_t>(4, G - g);
     const T* key = kc + row0;
     if (g == 0 && ahead_page >= 0) {
@@ -328,7 +328,6 @@ void Attend(const Problem& p, int64_t n, int64_t k0, int64_t k1, Head* heads) {
     Prefetch(p, kc, page_at(i), k0, k1);
     Prefetch(p, vc, page_at(i), k0, k1);
   }
-  V8 q[kMaxGroup * kMaxDim / kLanes];
   for (int64_t k = k0; k < k1; ++k) {  // the token attending to itself starts each head
     Head* state = heads + (k - k0) * G;
     const float* own_k = p.k_new + (n * K + k) * E;
@@ -346,9 +345,8 @@ void Attend(const Problem& p, int64_t n, int64_t k0, int64_t k1, Head* heads) {
     const int64_t ahead = i + kAhead < last ? page_at(i + kAhead) : -1;
     const int64_t lo = std::max(begin, i * S), hi = std::min(end, (i + 1) * S);
     for (int64_t k = k0; k < k1; ++k) {
-      const float* qk = p.q + (n * K + k) * G * E;
-      for (int64_t x = 0; x < G * nv; ++x) q[x] = Load8(qk + x * kLanes);
-      Page(p, kc, vc, page_at(i), lo - i * S, hi - lo, k, q, heads + (k - k0) * G, ahead);
+      Page(p, kc, vc, page_at(i), lo - i * S, hi - lo, k, p.q + (n * K + k) * G * E,
+           heads + (k - k0) * G, ahead);
     }
   }
   for (int64_t k = k0; k < k1; ++k) {

@@ -264,7 +264,7 @@ class ModelRunner:
         the bucket's requests zero."""
         args = (self._head_leaves, self._embed_leaves, hidden, logits_indices)
         return self._program(("head", b.num_tokens, b.num_requests), self._head, *args,
-                             rows=min(b.num_requests, len(logits_indices)))(*args)
+                             rows=b.num_requests)(*args)  # sampler rows >= R (buckets.py)
 
     def warmup(self, progress: bool = True):
         """Compile every program a step can reach, so that serving compiles nothing: each
