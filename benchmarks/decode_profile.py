@@ -93,11 +93,13 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
     w = (layer.attn.qkv.kernel[...], layer.attn.o.kernel[...], layer.mlp.gate_up.kernel[...],
          layer.mlp.down.kernel[...])
 
+    op = layer.attn.qkv.einsum_op  # as the runner runs them (llama.project_cpu on one CPU)
+
     @jax.jit
     def matmuls(x, q, f, wqkv, wo, wgu, wd):
         kw = dict(preferred_element_type=jnp.float32)
-        return (llama.project("TD,DKCE->TKCE", x, wqkv, **kw), llama.project("THE,HED->TD", q, wo, **kw),
-                llama.project("TD,DCF->TCF", x, wgu, **kw), llama.project("TF,FD->TD", f, wd, **kw))
+        return (op("TD,DKCE->TKCE", x, wqkv, **kw), op("THE,HED->TD", q, wo, **kw),
+                op("TD,DCF->TCF", x, wgu, **kw), op("TF,FD->TD", f, wd, **kw))
 
     attention = jax.jit(lambda q, kc, vc, kn, md: kernels.ragged_paged_attention(
         q, kc, vc, kn, kn, md, sm_scale=c.head_dim ** -0.5))

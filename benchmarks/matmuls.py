@@ -10,6 +10,8 @@ of one 2048^2 matmul in the same dtype (bf16 x bf16 -> f32, as the model runs it
 asks for every projection at batch 32 within 1.5x of it. Rows:
 
   x.W              x [M, K] . W [K, N] -> [M, N]: the model's form (llama.project)
+  kernel           the same through jaxserve's C++ matmul (kernels/cpu_matmul.py), which the
+                   runner uses up to its MAX_ROWS
   W-first          W stored [N, K] (as HF stores it), computed as W . x^T -> [N, M] and left
                    in that orientation
   x.W^T            W stored [N, K], computed as x . W^T -> [M, N] (token-major, HF's layout)
@@ -39,6 +41,9 @@ import numpy as np
 from jax import lax
 
 from timing import timed
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
+from jaxserve.kernels import cpu_library, cpu_matmul  # noqa: E402
 
 LAYERS, D, F = 30, 576, 1536
 PROJECTIONS = {"qkv": (D, 960), "o": (D, D), "gate_up": (D, 2 * F), "down": (F, D)}
@@ -80,6 +85,9 @@ def projection_rows(m: int, dtype, repeats: int, variants: set[str]) -> list[tup
             ws = weights(rng, k, n, dtype)
             f = jax.jit(lambda x, ws: [jnp.dot(x, w, **F32) for w in ws])
             rows.append((name, "x.W", timed(lambda: f(x, ws), repeats), flops))
+            if "kernel" in variants and cpu_library.available():
+                g = jax.jit(lambda x, ws: [cpu_matmul.matmul(x, w) for w in ws])
+                rows.append((name, "kernel", timed(lambda: g(x, ws), repeats), flops))
         if "w-first" in variants:
             ws = weights(rng, k, n, dtype, transposed=True)
             f = jax.jit(lambda x, ws: [dot_general(w, x, 1, 1, **F32) for w in ws])
@@ -173,7 +181,7 @@ def main():
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--nproc", default="", help="also run the x.W rows with PJRT_NPROC=each")
-    ap.add_argument("--variants", default="x.W,w-first,int8,mlp", help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default="x.W,kernel,w-first,int8,mlp", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
@@ -192,7 +200,7 @@ def main():
           "(<= 1.5 is issue 11's target at batch 32)\n")
     print("| dtype | M | projection x30 | variant | ms | GFLOP/s | x peak |")
     print("|---|---|---|---|---|---|---|")
-    order = {v: i for i, v in enumerate(["x.W", "W-first", "x.W^T", "int8", "weights-first",
+    order = {v: i for i, v in enumerate(["x.W", "kernel", "W-first", "x.W^T", "int8", "weights-first",
                                          "feature-major"])}
     results.sort(key=lambda r: (r["dtype"], r["m"], r["name"], order.get(r["variant"], 9),
                                 r["variant"]))

@@ -1,5 +1,6 @@
-"""The C++ decode-attention kernel (kernels/cpu_paged_decode.cc, through the XLA FFI): against
-the jnp path at the default model's head shape, what the dispatch picks, and how it fails."""
+"""The C++ CPU kernels (through the XLA FFI): decode attention (kernels/cpu_paged_decode.cc)
+against the jnp path at the default model's head shape and the matmul (kernels/cpu_matmul.cc)
+against numpy in float64; what the dispatch picks, and how they fail."""
 
 import subprocess
 import sys
@@ -8,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxserve import kernels
-from jaxserve.kernels import build_metadata, cpu_paged_decode
+from jaxserve.kernels import build_metadata, cpu_library, cpu_matmul, cpu_paged_decode
 from jaxserve.kernels.ragged_paged_attention import ref_ragged_paged_attention
 from jaxserve.kernels.storage import BITS, to_storage
 
@@ -97,7 +99,7 @@ def test_dispatch_runs_the_kernel_for_decode_steps_only():
 def test_turned_off_by_the_environment():
     """JAXSERVE_CPU_KERNEL=0: the jnp path, no warning."""
     code = ("import warnings; warnings.simplefilter('error')\n"
-            "from jaxserve.kernels import cpu_paged_decode as k\n"
+            "from jaxserve.kernels import cpu_library as k\n"
             "assert not k.available(), k.unavailable_reason()\n"
             "print(k.unavailable_reason())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -109,8 +111,81 @@ def test_turned_off_by_the_environment():
 def test_build_failures_say_why(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-        cpu_paged_decode.build(tmp_path)
+        cpu_library.build(tmp_path)
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
-    with pytest.raises(RuntimeError, match="compiling cpu_paged_decode.cc failed"):
-        cpu_paged_decode.build(tmp_path)
+    with pytest.raises(RuntimeError, match=r"compiling the CPU kernels \(cpu_paged_decode.cc, "
+                                           r"cpu_matmul.cc\) failed"):
+        cpu_library.build(tmp_path)
     assert not list(tmp_path.iterdir()), "a failed build leaves no library behind"
+
+
+# ---- the matmul (kernels/cpu_matmul.cc) ----
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,k,n", [
+    (1, 576, 960), (2, 37, 8), (3, 1, 40), (4, 130, 200),  # streamed: K split per worker
+    (5, 576, 576), (7, 300, 56), (32, 1536, 576), (33, 64, 1000), (64, 129, 24)])  # tiled
+def test_matmul_matches_numpy(dtype, m, k, n):
+    """Both regimes, with every tail: rows not a multiple of the 4-row tile, columns not a
+    multiple of the 24-column strip (8 and 16 wide), depths past one panel and odd ones."""
+    rng = np.random.default_rng(m * 1000 + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    got = jax.jit(cpu_matmul.matmul)(x, w)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+
+
+def test_matmul_einsums_and_what_it_declines():
+    """The model's projection einsums go through the kernel; anything else, or more rows than
+    MAX_ROWS, is declined (None) for XLA's dot."""
+    rng = np.random.default_rng(3)
+    arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    cases = [("TD,DKCE->TKCE", arr(3, 64), arr(64, 3, 5, 16)),
+             ("THE,HED->TD", arr(5, 4, 16), arr(4, 16, 64)),
+             ("TD,DCF->TCF", arr(2, 64), arr(64, 2, 40)),
+             ("TF,FD->TD", arr(1, 96), arr(96, 64))]
+    for spec, x, w in cases:
+        hlo = jax.jit(lambda x, w: cpu_matmul.einsum(spec, x, w)).lower(x, w).as_text()
+        assert hlo.count(cpu_matmul.TARGET) == 1, spec
+        np.testing.assert_allclose(np.asarray(cpu_matmul.einsum(spec, x, w)),
+                                   np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64)),
+                                   atol=1e-4, rtol=1e-5)
+    assert cpu_matmul.einsum("BD,VD->BV", arr(1, 64), arr(16, 64)) is None  # w [N, K]
+    assert cpu_matmul.einsum("TD,DF->TF", arr(1, 64), arr(64, 12)) is None  # N % 8
+    assert cpu_matmul.einsum("TD,DF->TF", arr(33, 64), arr(64, 16)) is None  # rows > 32 (f32)
+    bf = lambda a: a.astype(jnp.bfloat16)
+    assert cpu_matmul.einsum("TD,DF->TF", bf(arr(512, 64)), bf(arr(64, 16))) is not None
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_rows_do_not_depend_on_the_batch(dtype):
+    """A row's result is the same bits alone, streamed with 3 others, or tiled among 31 or 63
+    others: both regimes sum the same chunks of K in the same order."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((64, 600)), dtype)
+    w = jnp.asarray(rng.standard_normal((600, 200)) / 25, dtype)
+    mm = jax.jit(cpu_matmul.matmul)
+    alone = np.asarray(mm(x[:1], w))[0]
+    for m in (2, 4, 5, 32, 64):
+        np.testing.assert_array_equal(np.asarray(mm(x[:m], w))[0], alone, err_msg=f"M={m}")
+
+
+def test_runner_uses_the_matmul_on_one_cpu_device_only(tiny_model):
+    """The runner routes its own copy's projections through the kernel on a one-device CPU
+    mesh, never under a larger mesh (the partitioner would gather whole weights for it); the
+    model it was given keeps XLA's dot."""
+    from jaxserve.config import EngineConfig
+    from jaxserve.models import llama
+    from jaxserve.parallel import make_mesh
+    from jaxserve.runner import ModelRunner
+
+    ops = lambda model: {node.einsum_op for _, node in nnx.iter_graph(model)
+                         if isinstance(node, nnx.Einsum)}
+    engine = EngineConfig(max_model_len=64, max_num_seqs=2, page_size=8)
+    one = ModelRunner(tiny_model, engine, num_pages=16)
+    assert ops(one.model) == {llama.project_cpu}
+    assert ops(tiny_model) == {llama.project}
+    two = ModelRunner(tiny_model, engine, num_pages=16, mesh=make_mesh(2))
+    assert ops(two.model) == {llama.project}

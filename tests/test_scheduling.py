@@ -6,7 +6,7 @@ import pytest
 
 from jaxserve.records import StepRecord
 from jaxserve.sampling import SamplingParams
-from tests.test_engine import prompts, run
+from tests.test_engine import prompts, run, run_to_end
 
 
 def test_step_records_account_for_every_token(make_tiny_engine):
@@ -81,7 +81,11 @@ def test_swap_preemption_restores_kv_bit_for_bit(make_tiny_engine, tiny_model, d
     are not bitwise batch invariant (measured: a request's float32 log-probs move by 1e-6 when
     another request's prefill shares its steps), so a seeded draw near a boundary can flip
     whenever preemption changes batch composition, recompute as well as swap (bf16: recompute
-    changed 3 of these 8 seeded outputs; float32: swap changed 1 of 8, from its 23rd token)."""
+    changed 3 of these 8 seeded outputs; float32: swap changed 1 of 8, from its 23rd token).
+    bf16 greedy outputs likewise equal the never-preempted run's up to a near tie of its top two
+    log-probs (measured: two requests flipped at margins of 0.016 and 0.007, where decode rows of
+    mixed steps, computed by the jnp attention path, and decode-only steps, by the C++ kernel,
+    round differently; the same requests run alone agree with the swapped run)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -91,14 +95,24 @@ def test_swap_preemption_restores_kv_bit_for_bit(make_tiny_engine, tiny_model, d
         for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             var.set_value(var.get_value().astype(jnp.bfloat16))
     ps = prompts(8, seed=1, lo=20, hi=60)
-    for params in (SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+    for params in (SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2),
                    SamplingParams(temperature=0.9, seed=7, max_tokens=40, ignore_eos=True)):
         small = make_tiny_engine(model, dtype=dtype, num_kv_pages=14, preemption_mode="swap",
                                  record_steps=True, host_prefix_cache=False)
         checked = check_swapped_pages(small.runner)
         got = run_engine(small, ps, params)
         if not params.temperature:
-            assert got == run_engine(make_tiny_engine(model, dtype=dtype), ps, params)
+            want = make_tiny_engine(model, dtype=dtype)
+            for i, p in enumerate(ps):
+                want.add_request(str(i), p, params)
+            want = {rid: out.outputs[0] for rid, out in run_to_end(want).items()}
+            if dtype == "float32":
+                assert got == {rid: out.token_ids for rid, out in want.items()}
+            for rid, out in want.items():  # bf16: equal up to a near tie of the reference
+                differ = [i for i, (a, b) in enumerate(zip(got[rid], out.token_ids)) if a != b]
+                if differ:
+                    top2 = sorted(lp.logprob for lp in out.logprobs[differ[0]].values())
+                    assert top2[-1] - top2[-2] < 0.05, (rid, differ[0], top2)
         records = small.step_records
         assert small.num_preemptions > 0 and len(checked) == small.num_preemptions
         swapped_out = sum(r.swapped_out for r in records)

@@ -26,6 +26,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxserve.config import SparseAttentionConfig
+from jaxserve.kernels import cpu_library
 from jaxserve.kernels import cpu_paged_decode as _cpu
 from jaxserve.kernels import sparse as _sparse
 from jaxserve.kernels.metadata import AttentionMetadata, build_metadata, num_query_blocks
@@ -137,7 +138,7 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
     backend = backend_of(q)
     if impl is None:
         impl = backend if backend in KERNELS else "reference"
-        if backend == "cpu" and md.decode_only and _cpu.supports(k_cache) and _cpu.available():
+        if backend == "cpu" and md.decode_only and _cpu.supports(k_cache) and cpu_library.available():
             impl = "cpu"
     if impl == "cpu":
         if backend != "cpu":

@@ -25,27 +25,25 @@
 // of 8 floats (GCC vector extensions: AVX2 or AVX-512 under -march=native).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_simd.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// 8 floats, whatever the vector unit (AVX2 and AVX-512 both run it in ymm registers).
-typedef float V8 __attribute__((vector_size(32)));
-typedef int32_t I8 __attribute__((vector_size(32)));
-typedef uint16_t U8 __attribute__((vector_size(16)));
-typedef uint32_t W8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
+using jaxserve::I8;
+using jaxserve::kLanes;
+using jaxserve::Load8;
+using jaxserve::Splat;
+using jaxserve::Store8;
+using jaxserve::V8;
+using jaxserve::W8;
 constexpr int64_t kMaxPage = 64;  // page sizes up to this (scratch sizes)
 constexpr int64_t kMaxDim = 256;  // head dims up to this, a multiple of kLanes
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head up to this
@@ -55,21 +53,6 @@ constexpr int64_t kMaxGroup = 16;  // query heads per KV head up to this
 // row by row 7.6-8.3 ms at 1, 2 or 4 pages ahead (2 kept), 8.4-10 at 3 or 6.
 constexpr int64_t kAhead = 2;
 
-inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
-inline V8 Load8(const float* p) {
-  V8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline V8 Load8(const uint16_t* p) {  // bfloat16 bits -> float32: the float's high half
-  U8 u;
-  std::memcpy(&u, p, sizeof u);
-  W8 w = __builtin_convertvector(u, W8) << 16;
-  V8 v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
-}
-inline void Store8(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
 inline V8 RoundToBf16(V8 x) {  // to the nearest bfloat16, ties to even (finite x)
   W8 bits;
   std::memcpy(&bits, &x, sizeof bits);
@@ -359,31 +342,6 @@ void Attend(const Problem& p, int64_t n, int64_t k0, int64_t k1, Head* heads) {
   }
 }
 
-// Items taken from a shared counter by the caller and by pool tasks; the caller waits only for
-// items already taken, so a task the pool starts late (or never) holds nothing up.
-struct Work {
-  Problem problem;
-  bool bits;  // the cache holds bfloat16 bits
-  int64_t items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Run() {
-    const Problem& p = problem;
-    const int64_t per = p.heads_per_item, chunks = p.kv_heads / per;
-    std::vector<Head> heads(per * p.group);
-    for (int64_t i; (i = next.fetch_add(1)) < items;) {
-      const int64_t n = i / chunks, k0 = i % chunks * per;
-      if (bits) {
-        Attend<uint16_t>(p, n, k0, k0 + per, heads.data());
-      } else {
-        Attend<float>(p, n, k0, k0 + per, heads.data());
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
                            ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> k_new,
                            ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> table,
@@ -408,21 +366,25 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
     return ffi::Error::InvalidArgument("paged_decode: head dim must be a multiple of 8 up to "
                                        "256, pages up to 64 slots, groups up to 16 heads");
   }
-  auto work = std::make_shared<Work>();
-  work->problem = Problem{q.typed_data(), k_cache.untyped_data(), v_cache.untyped_data(),
-                          k_new.typed_data(), v_new.typed_data(), table.typed_data(),
-                          cached.typed_data(), q_pos.typed_data(), out->typed_data(),
-                          cd[0], cd[1], kh, e, h / kh, td[1], sm_scale, soft_cap, window, kh};
-  work->bits = dtype == ffi::DataType::U16;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // Whole requests (each page read front to back) when there are enough of them to share out;
   // (request, KV head) pairs for small batches.
-  if (n < 4 * threads) work->problem.heads_per_item = 1;
-  work->items = n * (kh / work->problem.heads_per_item);
-  const int64_t helpers = std::min<int64_t>(threads, work->items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  const int64_t per = n < 4 * threads ? 1 : kh;
+  const Problem p{q.typed_data(), k_cache.untyped_data(), v_cache.untyped_data(),
+                  k_new.typed_data(), v_new.typed_data(), table.typed_data(),
+                  cached.typed_data(), q_pos.typed_data(), out->typed_data(),
+                  cd[0], cd[1], kh, e, h / kh, td[1], sm_scale, soft_cap, window, per};
+  const bool bits = dtype == ffi::DataType::U16;
+  jaxserve::ParallelFor(pool, n * (kh / per), threads, [&](int64_t i) {
+    thread_local std::vector<Head> heads;
+    heads.resize(per * p.group);
+    const int64_t request = i / (kh / per), k0 = i % (kh / per) * per;
+    if (bits) {
+      Attend<uint16_t>(p, request, k0, k0 + per, heads.data());
+    } else {
+      Attend<float>(p, request, k0, k0 + per, heads.data());
+    }
+  });
   return ffi::Error::Success();
 }
 

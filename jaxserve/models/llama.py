@@ -56,7 +56,7 @@ from jax.sharding import Mesh
 
 from jaxserve import kernels
 from jaxserve.config import ModelConfig, SparseAttentionConfig, rope_inv_freq
-from jaxserve.kernels import AttentionMetadata
+from jaxserve.kernels import AttentionMetadata, cpu_matmul
 from jaxserve.kernels.storage import take_rows
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [P, S, K, E]
@@ -79,6 +79,25 @@ def project(spec: str, x, w, **kwargs):
     if x.dtype == jnp.bfloat16 and x.shape[0] == 1:
         return jnp.einsum(spec, jnp.concatenate([x, x]), w, **kwargs)[:1]
     return jnp.einsum(spec, x, w, **kwargs)
+
+
+def project_cpu(spec: str, x, w, **kwargs):
+    """`project` through the C++ matmul where it applies (kernels/cpu_matmul.py: the few rows of
+    decode steps, float32 or bf16 weights), else XLA's dot. For programs that run on one CPU
+    device only (see use_cpu_matmul)."""
+    y = None
+    if kwargs.get("preferred_element_type") == jnp.float32:
+        y = cpu_matmul.einsum(spec, x, w)
+    return project(spec, x, w, **kwargs) if y is None else y
+
+
+def use_cpu_matmul(model: nnx.Module) -> None:
+    """Route the projections of `model` (in place) through `project_cpu`. The runner does this
+    to its own copy when its mesh is one CPU device: under a larger mesh the partitioner would
+    gather each sharded weight whole for the call."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Einsum):
+            node.einsum_op = project_cpu
 
 
 def _einsum(spec: str, kernel_shape, kernel_axes, *, dtype, rngs, bias_shape=None,

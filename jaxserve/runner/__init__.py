@@ -78,6 +78,8 @@ class ModelRunner:
         (more KV heads where they are replicated, see parallel.py)."""
         self.mesh = parallel.make_mesh(1) if mesh is None else mesh
         self.model, config = parallel.shard_model(model, self.mesh)
+        if self.mesh.size == 1 and self.mesh.devices.flat[0].platform == "cpu":
+            llama.use_cpu_matmul(self.model)  # decode's projections: kernels/cpu_matmul.py
         self.config, self.engine = config, engine
         self.num_pages, self.page_size = num_pages, engine.page_size
         self.kv_dtype = storage_dtype(self.model.dtype, self.mesh.devices.flat[0].platform)

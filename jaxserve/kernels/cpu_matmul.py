@@ -1,0 +1,75 @@
+"""The model's projections on CPU at decode sizes, as a C++ kernel through the XLA FFI.
+
+XLA:CPU's dot runs few-row projections well below the machine: at 32 rows the x . W form took
+2.4-2.8x the time of one large matmul at the same FLOP rate, and at 1-4 rows it read bf16 weights
+at a few GB/s (benchmarks/matmuls.py; docs/performance.md). `cpu_matmul.cc` computes
+x [M, K] . w [K, N] -> [M, N] float32 in the model's own weight layout, streaming w for M <= 4
+and with packed 4 x 24 register tiles above.
+
+`einsum(spec, x, w)` takes the einsums llama.py's projections use (x's trailing axes contract
+with w's leading ones, as in "TD,DKCE->TKCE") and returns None for anything else, or for more
+rows than MAX_ROWS, where XLA's dot is faster (measured per dtype, see MAX_ROWS). A row's result
+is the same bits whatever the number of rows and the threads (cpu_matmul.cc), so a request's
+projections do not depend on the batch it shares while the kernel computes them.
+
+It runs only where the caller knows the program is single-device CPU (llama.use_cpu_matmul):
+under a multi-device mesh the partitioner would have to gather each weight for the call.
+How it is built and loaded: cpu_library.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.kernels import cpu_library
+
+TARGET = "jaxserve_matmul"
+
+# Rows up to which the kernel runs (None: any), where it beats XLA's dot (`benchmarks/matmuls.py`,
+# 30 layers of distinct weights, 2 Zen 3 cores): float32 1.1-2.7x faster at 1-32 rows, even at
+# 64-128, 0.77-0.87x at 512 (prefill chunks keep XLA's dot); bfloat16 faster at every size
+# measured, 1.3-13x at 1-64 rows (XLA converts whole bf16 weights at one row), 1.1-1.6x at 128
+# and 512.
+MAX_ROWS = {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): None}
+
+
+def _contraction(spec: str) -> tuple[int, int] | None:
+    """(x axes contracted, w axes kept) when `spec` is x [T, *C] . w [*C, *N] -> [T, *N]."""
+    inputs, out = spec.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    c = len(xs) - 1
+    distinct = len(set(xs + ws)) == len(xs) + len(ws) - c
+    if c < 1 or ws[:c] != xs[1:] or out != xs[0] + ws[c:] or not distinct:
+        return None
+    return c, len(ws) - c
+
+
+def supports(spec: str, x, w) -> bool:
+    """Whether `einsum` computes this projection (shape, dtype and size; not availability)."""
+    form = _contraction(spec)
+    if form is None or x.ndim != form[0] + 1 or w.ndim != sum(form):
+        return False
+    n = math.prod(w.shape[form[0]:])
+    dtype = jnp.dtype(w.dtype)
+    if dtype not in MAX_ROWS or x.dtype not in (jnp.float32, jnp.bfloat16) or n % 8:
+        return False
+    return MAX_ROWS[dtype] is None or x.shape[0] <= MAX_ROWS[dtype]
+
+
+def matmul(x, w):
+    """x [M, K] . w [K, N] -> [M, N] float32; w float32 or bfloat16, x any float."""
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
+        x.astype(jnp.float32), w)
+
+
+def einsum(spec: str, x, w):
+    """The projection `spec` through the kernel, float32, or None where it does not apply."""
+    if not supports(spec, x, w) or not cpu_library.available():
+        return None
+    c, _ = _contraction(spec)
+    k, n = math.prod(w.shape[:c]), math.prod(w.shape[c:])
+    y = matmul(x.reshape(x.shape[0], k), w.reshape(k, n))
+    return y.reshape(x.shape[0], *w.shape[c:])

@@ -1,0 +1,92 @@
+// What the CPU kernels (cpu_paged_decode.cc, cpu_matmul.cc) share: vectors of 8 floats and a
+// parallel loop over XLA's intra-op thread pool.
+//
+// Vectors are GCC vector extensions, so one source compiles to AVX2 or AVX-512 (both run them
+// in ymm registers) under -march=native, and to plain scalar code anywhere else.
+
+#ifndef JAXSERVE_KERNELS_CPU_SIMD_H_
+#define JAXSERVE_KERNELS_CPU_SIMD_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxserve {
+
+typedef float V8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+typedef uint16_t U8 __attribute__((vector_size(16)));
+typedef uint32_t W8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+
+inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
+inline V8 Load8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline V8 Load8(const uint16_t* p) {  // bfloat16 bits -> float32: the float's high half
+  U8 u;
+  std::memcpy(&u, p, sizeof u);
+  W8 w = __builtin_convertvector(u, W8) << 16;
+  V8 v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+inline void Store8(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
+// Keeps v in a register: GCC otherwise folds a vector reused by several FMAs back into each as
+// a memory operand (a load per FMA), which halved a 4 x 24 matmul tile's rate.
+inline void InRegister(V8& v) {
+#if defined(__x86_64__)
+  asm("" : "+x"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+}
+
+// fn(item) for every item in [0, items), on the calling thread and up to max_workers - 1 pool
+// tasks, which take items from a shared counter. The caller waits only for items already
+// taken, so a task the pool starts late (or never: a busy pool) holds nothing up, and a task
+// that starts after the loop ended finds no item left and never touches fn. The wait spins a
+// little (items take microseconds) and then sleeps until the last item ends: spinning on a
+// machine shared with other processes took the cores the helpers needed.
+template <typename Fn>
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t max_workers, const Fn& fn) {
+  struct Counters {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mutex;
+    std::condition_variable all_done;
+  };
+  auto counters = std::make_shared<Counters>();
+  auto run = [counters, items, &fn] {
+    for (int64_t i; (i = counters->next.fetch_add(1)) < items;) {
+      fn(i);
+      if (counters->done.fetch_add(1, std::memory_order_acq_rel) + 1 == items) {
+        std::lock_guard<std::mutex> lock(counters->mutex);
+        counters->all_done.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min({std::max<int64_t>(1, pool.num_threads()), items,
+                                    std::max<int64_t>(1, max_workers)}) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run] { run(); });
+  run();
+  auto finished = [&] { return counters->done.load(std::memory_order_acquire) >= items; };
+  for (int spin = 0; spin < 256 && !finished(); ++spin) std::this_thread::yield();
+  if (!finished()) {
+    std::unique_lock<std::mutex> lock(counters->mutex);
+    counters->all_done.wait(lock, finished);
+  }
+}
+
+}  // namespace jaxserve
+
+#endif  // JAXSERVE_KERNELS_CPU_SIMD_H_
