@@ -149,9 +149,9 @@ def test_matmul_einsums_and_what_it_declines():
     for spec, x, w in cases:
         hlo = jax.jit(lambda x, w: cpu_matmul.einsum(spec, x, w)).lower(x, w).as_text()
         assert hlo.count(cpu_matmul.TARGET) == 1, spec
-        np.testing.assert_allclose(np.asarray(cpu_matmul.einsum(spec, x, w)),
-                                   np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64)),
-                                   atol=1e-4, rtol=1e-5)
+        want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64))
+        np.testing.assert_allclose(np.asarray(cpu_matmul.einsum(spec, x, w)), want, atol=1e-4,
+                                   rtol=1e-5)
     assert cpu_matmul.einsum("BD,VD->BV", arr(1, 64), arr(16, 64)) is None  # w [N, K]
     assert cpu_matmul.einsum("TD,DF->TF", arr(1, 64), arr(64, 12)) is None  # N % 8
     assert cpu_matmul.einsum("TD,DF->TF", arr(33, 64), arr(64, 16)) is None  # rows > 32 (f32)

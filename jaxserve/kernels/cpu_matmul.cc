@@ -181,7 +181,9 @@ void Packed(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T
   // wide): wide blocks read long runs of each row of w.
   const int64_t strips = (N + kNR - 1) / kNR, workers = Workers(pool, K * N * int64_t(sizeof(T)));
   int64_t blocks = std::min(workers, strips);
-  while ((strips + blocks - 1) / blocks * kNR > kMaxBlock && blocks + workers <= strips) blocks += workers;
+  while ((strips + blocks - 1) / blocks * kNR > kMaxBlock && blocks + workers <= strips) {
+    blocks += workers;
+  }
   const int64_t per = (strips + blocks - 1) / blocks;  // strips per block
   blocks = (strips + per - 1) / per;
   jaxserve::ParallelFor(pool, blocks, workers, [&](int64_t block) {
