@@ -82,7 +82,10 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
     dense_args = (None, None, None)  # no sparse attention: summaries, dense layers, selections
     layers = r._program(("layers", b, None, None), r._layers, group, lkv, hidden, md, *dense_args,
                         sparse=None, refresh=None)
-    head = r._program(("head", b.num_tokens, b.num_requests), r._head, hl, el, hidden, li)
+
+    def head(head_leaves, embed_leaves, hidden, logits_indices):  # as the runner calls it
+        return r.logits(b, hidden, logits_indices)
+
 
     # The projections and the attention of one layer, as programs of their own.
     layer = r.model.layers[0]
