@@ -29,10 +29,10 @@ from jaxserve.kernels import cpu_library
 TARGET = "jaxserve_matmul"
 
 # Rows up to which the kernel runs (None: any), where it beats XLA's dot (`benchmarks/matmuls.py`,
-# 30 layers of distinct weights, 2 Zen 3 cores): float32 1.1-2.7x faster at 1-32 rows, even at
-# 64-128, 0.77-0.87x at 512 (prefill chunks keep XLA's dot); bfloat16 faster at every size
-# measured, 1.3-13x at 1-64 rows (XLA converts whole bf16 weights at one row), 1.1-1.6x at 128
-# and 512.
+# 30 layers of distinct weights, 2 Zen 3 cores, 2026-12-02): float32 even at 1 row (within
+# noise), 1.4-2.5x faster at 4, 1.0-1.5x at 32, even at 64-128, 0.77-0.87x at 512 (prefill
+# chunks keep XLA's dot); bfloat16 faster at every size measured: 5-14x at 1 row (XLA converts
+# whole bf16 weights there), 1.1-2.5x at 4-32, 1.1-1.6x at 128 and 512.
 MAX_ROWS = {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): None}
 
 
