@@ -109,6 +109,14 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
+def require(what: str) -> None:
+    """Build and register the kernels if need be; RuntimeError naming `what` when they cannot run
+    here (for callers that asked for a kernel explicitly)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the {what} is not available: {reason}")
+
+
 @functools.cache
 def _warn(reason: str) -> None:
     warnings.warn(f"jaxserve's C++ CPU kernels are not available ({reason}); using XLA's "

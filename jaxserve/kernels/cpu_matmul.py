@@ -61,9 +61,7 @@ def supports(spec: str, x, w) -> bool:
 
 def matmul(x, w):
     """x [M, K] . w [K, N] -> [M, N] float32; w float32 or bfloat16, x any float."""
-    reason = cpu_library.unavailable_reason()  # builds and registers the kernels on first use
-    if reason is not None:
-        raise RuntimeError(f"the CPU matmul kernel is not available: {reason}")
+    cpu_library.require("CPU matmul kernel")
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
         x.astype(jnp.float32), w)
 

@@ -32,9 +32,7 @@ def paged_decode(q, k_cache, v_cache, k_new, v_new, md: AttentionMetadata, *, sm
     """Decode-only attention (`md.decode_only`), the same function as the jnp path's
     `_decode_attention`: q [T, H, E], caches [P, S, K, E] (read only), this step's k_new /
     v_new [T, K, E] -> out [T, H, E]."""
-    reason = cpu_library.unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"the CPU decode kernel is not available: {reason}")
+    cpu_library.require("CPU decode kernel")
     md = jax.tree_util.tree_map(jnp.asarray, md)
     t, h, e = q.shape
     valid = md.block_len > 0  # [N]: padding blocks attend to nothing and write nowhere
