@@ -123,11 +123,13 @@ def test_build_failures_say_why(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("m,k,n", [
-    (1, 576, 960), (2, 37, 8), (3, 1, 40), (4, 130, 200),  # streamed: K split per worker
-    (5, 576, 576), (7, 300, 56), (32, 1536, 576), (33, 64, 1000), (64, 129, 24)])  # tiled
+    (1, 576, 960), (2, 37, 16), (3, 1, 48), (4, 130, 208),  # streamed: K split per worker
+    (5, 576, 576), (7, 300, 64), (9, 96, 80), (32, 1536, 576), (33, 64, 1040),  # tiled
+    (64, 129, 32)])
 def test_matmul_matches_numpy(dtype, m, k, n):
-    """Both regimes, with every tail: rows not a multiple of the 4-row tile, columns not a
-    multiple of the 24-column strip (8 and 16 wide), depths past one panel and odd ones."""
+    """Both regimes, with every tail: rows not a multiple of the tile's (4, or 8 under
+    AVX-512), columns not a multiple of the strip's (24 or 48: tails of 8 to 40), depths past
+    one panel and odd ones."""
     rng = np.random.default_rng(m * 1000 + n)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
@@ -153,7 +155,7 @@ def test_matmul_einsums_and_what_it_declines():
         np.testing.assert_allclose(np.asarray(cpu_matmul.einsum(spec, x, w)), want, atol=1e-4,
                                    rtol=1e-5)
     assert cpu_matmul.einsum("BD,VD->BV", arr(1, 64), arr(16, 64)) is None  # w [N, K]
-    assert cpu_matmul.einsum("TD,DF->TF", arr(1, 64), arr(64, 12)) is None  # N % 8
+    assert cpu_matmul.einsum("TD,DF->TF", arr(1, 64), arr(64, 12)) is None  # N % 16
     assert cpu_matmul.einsum("TD,DF->TF", arr(33, 64), arr(64, 16)) is None  # rows > 32 (f32)
     bf = lambda a: a.astype(jnp.bfloat16)
     assert cpu_matmul.einsum("TD,DF->TF", bf(arr(512, 64)), bf(arr(64, 16))) is not None
@@ -165,7 +167,7 @@ def test_matmul_rows_do_not_depend_on_the_batch(dtype):
     others: both regimes sum the same chunks of K in the same order."""
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((64, 600)), dtype)
-    w = jnp.asarray(rng.standard_normal((600, 200)) / 25, dtype)
+    w = jnp.asarray(rng.standard_normal((600, 208)) / 25, dtype)
     mm = jax.jit(cpu_matmul.matmul)
     alone = np.asarray(mm(x[:1], w))[0]
     for m in (2, 4, 5, 32, 64):

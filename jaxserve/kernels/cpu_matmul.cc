@@ -26,7 +26,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_simd.h"
 
@@ -34,16 +39,19 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using jaxserve::kLanes;
-using jaxserve::Load8;
-using jaxserve::Splat;
-using jaxserve::Store8;
-using jaxserve::V8;
+using V = jaxserve::VW;  // 16 floats under AVX-512, else 8
+constexpr int64_t kLanes = jaxserve::kWideLanes;
+inline V Load(const float* p) { return jaxserve::LoadW(p); }
+inline V Load(const uint16_t* p) { return jaxserve::LoadW(p); }
+inline V Splat(float x) { return jaxserve::SplatW(x); }
+inline void Store(float* p, V v) { jaxserve::StoreW(p, v); }
 
 constexpr int64_t kStreamRows = 4;  // M up to this streams W; above it, packed tiles
-constexpr int64_t kMR = 4;  // register tile: kMR rows x kNV vectors of 8 columns
+// Register tile: kMR rows x kNV vectors: kMR x kNV accumulators + kNV loads + a broadcast in
+// registers (AVX-512 has 32, AVX2 16).
+constexpr int64_t kMR = kLanes == 16 ? 8 : 4;
 constexpr int64_t kNV = 3;
-constexpr int64_t kNR = kNV * kLanes;  // a strip: 24 columns
+constexpr int64_t kNR = kNV * kLanes;  // a strip: 48 columns (AVX-512) or 24
 constexpr int64_t kMaxBlock = 384;  // columns per work item, at most (when there are enough)
 // Rows of K summed as one chain (a panel's depth): both regimes add x[m, k] w[k, n] over each
 // chunk in k order from zero, then the chunks' sums in chunk order, so a row's result is the
@@ -69,42 +77,57 @@ void StreamChunks(const float* x, int64_t K, const T* w, int64_t N, int64_t c0, 
     const int64_t end = std::min(K, (c + 1) * kChunk);
     int64_t k = c * kChunk;
     for (; k + RK <= end; k += RK) {
-      V8 xs[RK][MR];
+      V xs[RK][MR];
       for (int kk = 0; kk < RK; ++kk) {
         for (int m = 0; m < MR; ++m) xs[kk][m] = Splat(x[m * K + k + kk]);
       }
       const T* row = w + k * N;
       for (int64_t n = 0; n < N; n += kLanes) {
-        V8 v[RK];
-        for (int kk = 0; kk < RK; ++kk) v[kk] = Load8(row + kk * N + n);
+        V v[RK];
+        for (int kk = 0; kk < RK; ++kk) v[kk] = Load(row + kk * N + n);
         for (int m = 0; m < MR; ++m) {
-          V8 a = Load8(part + m * N + n);
+          V a = Load(part + m * N + n);
           for (int kk = 0; kk < RK; ++kk) a += xs[kk][m] * v[kk];
-          Store8(part + m * N + n, a);
+          Store(part + m * N + n, a);
         }
       }
     }
     for (; k < end; ++k) {
-      V8 xs[MR];
+      V xs[MR];
       for (int m = 0; m < MR; ++m) xs[m] = Splat(x[m * K + k]);
       const T* row = w + k * N;
       for (int64_t n = 0; n < N; n += kLanes) {
-        const V8 v = Load8(row + n);
-        for (int m = 0; m < MR; ++m) Store8(part + m * N + n, Load8(part + m * N + n) + xs[m] * v);
+        const V v = Load(row + n);
+        for (int m = 0; m < MR; ++m) Store(part + m * N + n, Load(part + m * N + n) + xs[m] * v);
       }
     }
+  }
+}
+
+// The streamed regime's frame: chunks_fn(c0, c1, parts) writes chunks [c0, c1)'s partial y
+// [M, N] each, one contiguous stretch of chunks per worker; then y = the partials summed in
+// chunk order.
+template <typename ChunksFn>
+void Stream(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, int64_t weight_bytes,
+            float* y, const ChunksFn& chunks_fn) {
+  const int64_t chunks = (K + kChunk - 1) / kChunk;
+  const int64_t stretches = std::min(chunks, Workers(pool, weight_bytes));
+  std::vector<float> parts(chunks * M * N);
+  jaxserve::ParallelFor(pool, stretches, stretches, [&](int64_t i) {
+    const int64_t c0 = chunks * i / stretches, c1 = chunks * (i + 1) / stretches;
+    chunks_fn(c0, c1, parts.data() + c0 * M * N);
+  });
+  for (int64_t i = 0; i < M * N; i += kLanes) {
+    V sum = Load(parts.data() + i);
+    for (int64_t c = 1; c < chunks; ++c) sum += Load(parts.data() + c * M * N + i);
+    Store(y + i, sum);
   }
 }
 
 template <typename T>
 void Stream(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T* w, int64_t N,
             float* y) {
-  const int64_t chunks = (K + kChunk - 1) / kChunk;
-  const int64_t stretches = std::min(chunks, Workers(pool, K * N * int64_t(sizeof(T))));
-  std::vector<float> parts(chunks * M * N);
-  jaxserve::ParallelFor(pool, stretches, stretches, [&](int64_t i) {
-    const int64_t c0 = chunks * i / stretches, c1 = chunks * (i + 1) / stretches;
-    float* out = parts.data() + c0 * M * N;
+  Stream(pool, M, K, N, K * N * int64_t(sizeof(T)), y, [&](int64_t c0, int64_t c1, float* out) {
     switch (M) {
       case 1: StreamChunks<1>(x, K, w, N, c0, c1, out); break;
       case 2: StreamChunks<2>(x, K, w, N, c0, c1, out); break;
@@ -112,11 +135,6 @@ void Stream(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T
       default: StreamChunks<4>(x, K, w, N, c0, c1, out); break;
     }
   });
-  for (int64_t i = 0; i < M * N; i += kLanes) {
-    V8 sum = Load8(parts.data() + i);
-    for (int64_t c = 1; c < chunks; ++c) sum += Load8(parts.data() + c * M * N + i);
-    Store8(y + i, sum);
-  }
 }
 
 // Rows [k0, k0 + kc) and columns [n0, n0 + nb) of w into panel, as float32 strips of kNR
@@ -128,7 +146,7 @@ void Pack(const T* w, int64_t N, int64_t k0, int64_t kc, int64_t n0, int64_t nb,
     for (int64_t s = 0; s * kNR < nb; ++s) {
       const int64_t width = std::min(kNR, nb - s * kNR);
       float* dst = panel + s * kNR * kc + k * width;
-      for (int64_t c = 0; c < width; c += kLanes) Store8(dst + c, Load8(row + s * kNR + c));
+      for (int64_t c = 0; c < width; c += kLanes) Store(dst + c, Load(row + s * kNR + c));
     }
   }
 }
@@ -138,22 +156,22 @@ void Pack(const T* w, int64_t N, int64_t k0, int64_t kc, int64_t n0, int64_t nb,
 template <int MR, int NV>
 void Tile(const float* x, int64_t ldx, const float* strip, int64_t kc, float* y, int64_t ldy,
           bool add) {
-  V8 acc[MR][NV] = {};
+  V acc[MR][NV] = {};
   for (int64_t k = 0; k < kc; ++k) {
-    V8 b[NV];
+    V b[NV];
     for (int j = 0; j < NV; ++j) {
-      b[j] = Load8(strip + (k * NV + j) * kLanes);
+      b[j] = Load(strip + (k * NV + j) * kLanes);
       jaxserve::InRegister(b[j]);
     }
     for (int r = 0; r < MR; ++r) {
-      const V8 a = Splat(x[r * ldx + k]);
+      const V a = Splat(x[r * ldx + k]);
       for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
     }
   }
   for (int r = 0; r < MR; ++r) {
     for (int j = 0; j < NV; ++j) {
       float* out = y + r * ldy + j * kLanes;
-      Store8(out, add ? Load8(out) + acc[r][j] : acc[r][j]);
+      Store(out, add ? Load(out) + acc[r][j] : acc[r][j]);
     }
   }
 }
@@ -167,6 +185,10 @@ constexpr TileFn TileFor(int64_t nv) {
 
 TileFn TileFor(int64_t mr, int64_t nv) {
   switch (mr) {
+    case 8: return TileFor<8>(nv);
+    case 7: return TileFor<7>(nv);
+    case 6: return TileFor<6>(nv);
+    case 5: return TileFor<5>(nv);
     case 4: return TileFor<4>(nv);
     case 3: return TileFor<3>(nv);
     case 2: return TileFor<2>(nv);
@@ -174,12 +196,12 @@ TileFn TileFor(int64_t mr, int64_t nv) {
   }
 }
 
-template <typename T>
-void Packed(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T* w, int64_t N,
-            float* y) {
-  // Blocks of whole strips, as many as workers (or a multiple, keeping blocks <= kMaxBlock
-  // wide): wide blocks read long runs of each row of w.
-  const int64_t strips = (N + kNR - 1) / kNR, workers = Workers(pool, K * N * int64_t(sizeof(T)));
+// The tiled regime's frame: column blocks of whole strips, as many as workers (or a multiple,
+// keeping blocks <= kMaxBlock wide: wide blocks read long runs of each row of w);
+// block_fn(n0, nb, per) computes y's columns [n0, n0 + nb), `per` strips wide at most.
+template <typename BlockFn>
+void Packed(ffi::ThreadPool& pool, int64_t N, int64_t weight_bytes, const BlockFn& block_fn) {
+  const int64_t strips = (N + kNR - 1) / kNR, workers = Workers(pool, weight_bytes);
   int64_t blocks = std::min(workers, strips);
   while ((strips + blocks - 1) / blocks * kNR > kMaxBlock && blocks + workers <= strips) {
     blocks += workers;
@@ -187,9 +209,17 @@ void Packed(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T
   const int64_t per = (strips + blocks - 1) / blocks;  // strips per block
   blocks = (strips + per - 1) / per;
   jaxserve::ParallelFor(pool, blocks, workers, [&](int64_t block) {
+    const int64_t n0 = block * per * kNR;
+    block_fn(n0, std::min(per * kNR, N - n0), per);
+  });
+}
+
+template <typename T>
+void Packed(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T* w, int64_t N,
+            float* y) {
+  Packed(pool, N, K * N * int64_t(sizeof(T)), [&](int64_t n0, int64_t nb, int64_t per) {
     thread_local std::vector<float> panel;
     panel.resize(kChunk * per * kNR);
-    const int64_t n0 = block * per * kNR, nb = std::min(per * kNR, N - n0);
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
       const int64_t kc = std::min(kChunk, K - k0);
       Pack(w, N, k0, kc, n0, nb, panel.data());
@@ -205,28 +235,197 @@ void Packed(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, const T
   });
 }
 
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+#if defined(__AVX512BF16__)
+// bf16 x and bf16 w: VDPBF16PS adds two products of bfloat16 pairs into each float32 lane,
+// twice the FMAs' rate. Its operands are (k, k + 1) pairs: x [M, K] as pairs (one 32-bit
+// broadcast), w's rows k and k + 1 interleaved column by column (16 columns per vector). The
+// products of two bfloat16 are exact in float32, so this differs from the float32 path only in
+// summation order (k + 1 then k within a pair) and flushing subnormals; both regimes use it,
+// so rows stay batch-invariant. A pair past an odd K is (x[K-1], 0) with a zero row of w.
+
+// Columns [0, 16) of rows a and b of w (bf16 bits) as 16 (a, b) pairs.
+inline __m512i Interleave(const uint16_t* a, const uint16_t* b) {
+  alignas(64) static constexpr uint16_t kOrder[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i both = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kOrder), both);
+}
+
+inline __m512bh Pairs(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+inline __m512bh Broadcast(uint32_t pair) { return Pairs(_mm512_set1_epi32(int32_t(pair))); }
+
+// Row k of w, or the zero row past K (a pair's second row when K is odd).
+inline const uint16_t* RowOrZero(const uint16_t* w, int64_t N, int64_t k, int64_t K,
+                                 const uint16_t* zero) {
+  return k < K ? w + k * N : zero;
+}
+
+// As StreamChunks, over pairs: xp [MR, P] the pairs of x (P = ceil(K / 2)).
+template <int MR>
+void StreamChunksDot(const uint32_t* xp, int64_t P, int64_t K, const uint16_t* w, int64_t N,
+                     const uint16_t* zero, int64_t c0, int64_t c1, float* parts) {
+  for (int64_t c = c0; c < c1; ++c) {
+    float* part = parts + (c - c0) * MR * N;
+    std::fill(part, part + MR * N, 0.0f);
+    const int64_t end = std::min(K, (c + 1) * kChunk);
+    for (int64_t k = c * kChunk; k < end; k += 2) {
+      __m512bh xs[MR];
+      for (int m = 0; m < MR; ++m) xs[m] = Broadcast(xp[m * P + k / 2]);
+      const uint16_t* a = w + k * N;
+      const uint16_t* b = RowOrZero(w, N, k + 1, K, zero);
+      for (int64_t n = 0; n < N; n += 16) {
+        const __m512bh v = Pairs(Interleave(a + n, b + n));
+        for (int m = 0; m < MR; ++m) {
+          float* out = part + m * N + n;
+          _mm512_storeu_ps(out, _mm512_dpbf16_ps(_mm512_loadu_ps(out), xs[m], v));
+        }
+      }
+    }
+  }
+}
+
+// As Tile, over pairs: strip [pairs, NV * 16] of w's pairs.
+template <int MR, int NV>
+void TileDot(const uint32_t* xp, int64_t ldx, const uint32_t* strip, int64_t pairs, float* y,
+             int64_t ldy, bool add) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh b[NV];
+    for (int j = 0; j < NV; ++j) {
+      b[j] = Pairs(_mm512_loadu_si512(strip + (p * NV + j) * 16));
+      jaxserve::InRegister(b[j]);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = Broadcast(xp[r * ldx + p]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NV; ++j) {
+      float* out = y + r * ldy + j * 16;
+      _mm512_storeu_ps(out, add ? _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]) : acc[r][j]);
+    }
+  }
+}
+
+using TileDotFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
+                           bool);
+
+template <int MR>
+constexpr TileDotFn TileDotFor(int64_t nv) {
+  return nv == 3 ? TileDot<MR, 3> : nv == 2 ? TileDot<MR, 2> : TileDot<MR, 1>;
+}
+
+TileDotFn TileDotFor(int64_t mr, int64_t nv) {
+  switch (mr) {
+    case 8: return TileDotFor<8>(nv);
+    case 7: return TileDotFor<7>(nv);
+    case 6: return TileDotFor<6>(nv);
+    case 5: return TileDotFor<5>(nv);
+    case 4: return TileDotFor<4>(nv);
+    case 3: return TileDotFor<3>(nv);
+    case 2: return TileDotFor<2>(nv);
+    default: return TileDotFor<1>(nv);
+  }
+}
+
+void MatmulDot(ffi::ThreadPool& pool, const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
+               int64_t N, float* y) {
+  const int64_t P = (K + 1) / 2;
+  std::vector<uint32_t> xp(M * P, 0);  // x's (k, k + 1) pairs, the last one zero-padded
+  for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * P, x + m * K, K * sizeof *x);
+  const std::vector<uint16_t> zero(N, 0);
+  if (M <= kStreamRows) {
+    Stream(pool, M, K, N, K * N * 2, y, [&](int64_t c0, int64_t c1, float* out) {
+      switch (M) {
+        case 1: StreamChunksDot<1>(xp.data(), P, K, w, N, zero.data(), c0, c1, out); break;
+        case 2: StreamChunksDot<2>(xp.data(), P, K, w, N, zero.data(), c0, c1, out); break;
+        case 3: StreamChunksDot<3>(xp.data(), P, K, w, N, zero.data(), c0, c1, out); break;
+        default: StreamChunksDot<4>(xp.data(), P, K, w, N, zero.data(), c0, c1, out); break;
+      }
+    });
+    return;
+  }
+  Packed(pool, N, K * N * 2, [&](int64_t n0, int64_t nb, int64_t per) {
+    thread_local std::vector<uint32_t> panel;
+    panel.resize(kChunk / 2 * per * kNR);
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+      const int64_t pairs = (std::min(kChunk, K - k0) + 1) / 2;
+      for (int64_t p = 0; p < pairs; ++p) {  // pack: strip s is [pairs, width] pairs
+        const uint16_t* a = w + (k0 + 2 * p) * N + n0;
+        const uint16_t* b = RowOrZero(w, N, k0 + 2 * p + 1, K, zero.data()) + n0;
+        for (int64_t s = 0; s * kNR < nb; ++s) {
+          const int64_t width = std::min(kNR, nb - s * kNR);
+          uint32_t* dst = panel.data() + s * kNR * pairs + p * width;
+          for (int64_t c = 0; c < width; c += 16) {
+            _mm512_storeu_si512(dst + c, Interleave(a + s * kNR + c, b + s * kNR + c));
+          }
+        }
+      }
+      for (int64_t s = 0; s * kNR < nb; ++s) {
+        const int64_t nv = std::min(kNR, nb - s * kNR) / 16;
+        const uint32_t* strip = panel.data() + s * kNR * pairs;
+        for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+          const int64_t mr = std::min(kMR, M - m0);
+          TileDotFor(mr, nv)(xp.data() + m0 * P + k0 / 2, P, strip, pairs,
+                             y + m0 * N + n0 + s * kNR, N, k0 > 0);
+        }
+      }
+    }
+  });
+}
+#endif  // __AVX512BF16__
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                       ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
     return ffi::Error::InvalidArgument("matmul: x [M, K] and w [K, N] expected");
   }
-  const auto dtype = w.element_type();
-  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) {
-    return ffi::Error::InvalidArgument("matmul: w must be f32 or bf16");
+  const auto xtype = x.element_type(), wtype = w.element_type();
+  const auto is_float = [](ffi::DataType t) {
+    return t == ffi::DataType::F32 || t == ffi::DataType::BF16;
+  };
+  if (!is_float(xtype) || !is_float(wtype)) {
+    return ffi::Error::InvalidArgument("matmul: x and w must be f32 or bf16");
   }
   const int64_t M = xd[0], K = xd[1], N = wd[1];
-  if (N % kLanes != 0) return ffi::Error::InvalidArgument("matmul: N must be a multiple of 8");
+  if (N % kLanes != 0) {
+    return ffi::Error::InvalidArgument("matmul: N must be a multiple of " + std::to_string(kLanes));
+  }
   if (M == 0 || N == 0) return ffi::Error::Success();
   float* out = y->typed_data();
   if (K == 0) {
     std::fill(out, out + M * N, 0.0f);
     return ffi::Error::Success();
   }
-  const float* xs = x.typed_data();
-  if (dtype == ffi::DataType::BF16) {  // read as its bits (cpu_simd.h's Load8)
-    const auto* ws = static_cast<const uint16_t*>(w.untyped_data());
-    M <= kStreamRows ? Stream(pool, xs, M, K, ws, N, out) : Packed(pool, xs, M, K, ws, N, out);
+  // bf16 arrays are read as their bits (Load, Interleave).
+  const auto* xbits = static_cast<const uint16_t*>(x.untyped_data());
+  const auto* wbits = static_cast<const uint16_t*>(w.untyped_data());
+#if defined(__AVX512BF16__)
+  if (xtype == ffi::DataType::BF16 && wtype == ffi::DataType::BF16) {
+    MatmulDot(pool, xbits, M, K, wbits, N, out);
+    return ffi::Error::Success();
+  }
+#endif
+  std::vector<float> widened;
+  const float* xs = static_cast<const float*>(x.untyped_data());
+  if (xtype == ffi::DataType::BF16) {
+    widened.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) {
+      const uint32_t bits = uint32_t(xbits[i]) << 16;
+      std::memcpy(&widened[i], &bits, sizeof bits);
+    }
+    xs = widened.data();
+  }
+  if (wtype == ffi::DataType::BF16) {
+    M <= kStreamRows ? Stream(pool, xs, M, K, wbits, N, out) : Packed(pool, xs, M, K, wbits, N, out);
   } else {
     const auto* ws = static_cast<const float*>(w.untyped_data());
     M <= kStreamRows ? Stream(pool, xs, M, K, ws, N, out) : Packed(pool, xs, M, K, ws, N, out);
@@ -239,6 +438,6 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmul, MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()  // x [M, K]
                                   .Arg<ffi::AnyBuffer>()  // w [K, N]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxserve.kernels import cpu_library
 
 TARGET = "jaxserve_matmul"
+LANES = 16  # N must be a multiple of the widest vector (AVX-512's 16 floats; AVX2 needs 8)
 
 # Rows up to which the kernel runs (None: any), where it beats XLA's dot (`benchmarks/matmuls.py`,
 # 30 layers of distinct weights, 2 Zen 3 cores, 2026-12-02): float32 even at 1 row (within
@@ -54,16 +55,19 @@ def supports(spec: str, x, w) -> bool:
         return False
     n = math.prod(w.shape[form[0]:])
     dtype = jnp.dtype(w.dtype)
-    if dtype not in MAX_ROWS or x.dtype not in (jnp.float32, jnp.bfloat16) or n % 8:
+    if dtype not in MAX_ROWS or x.dtype not in (jnp.float32, jnp.bfloat16) or n % LANES:
         return False
     return MAX_ROWS[dtype] is None or x.shape[0] <= MAX_ROWS[dtype]
 
 
 def matmul(x, w):
-    """x [M, K] . w [K, N] -> [M, N] float32; w float32 or bfloat16, x any float."""
+    """x [M, K] . w [K, N] -> [M, N] float32; w float32 or bfloat16, x any float (bfloat16 x
+    with bfloat16 w runs on the bf16 dot-product instructions where the CPU has them)."""
     cpu_library.require("CPU matmul kernel")
+    if x.dtype != jnp.bfloat16:
+        x = x.astype(jnp.float32)
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
-        x.astype(jnp.float32), w)
+        x, w)
 
 
 def einsum(spec: str, x, w):

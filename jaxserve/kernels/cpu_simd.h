@@ -1,8 +1,9 @@
-// What the CPU kernels (cpu_paged_decode.cc, cpu_matmul.cc) share: vectors of 8 floats and a
-// parallel loop over XLA's intra-op thread pool.
+// What the CPU kernels (cpu_paged_decode.cc, cpu_matmul.cc) share: vectors of 8 floats, vectors
+// as wide as the target's registers, and a parallel loop over XLA's intra-op thread pool.
 //
-// Vectors are GCC vector extensions, so one source compiles to AVX2 or AVX-512 (both run them
-// in ymm registers) under -march=native, and to plain scalar code anywhere else.
+// Vectors are GCC vector extensions, so one source compiles to AVX2 or AVX-512 under
+// -march=native, and to plain scalar code anywhere else. V8 runs in ymm registers on both;
+// VW is 16 floats (a zmm register) where the target has AVX-512, else 8.
 
 #ifndef JAXSERVE_KERNELS_CPU_SIMD_H_
 #define JAXSERVE_KERNELS_CPU_SIMD_H_
@@ -42,10 +43,40 @@ inline V8 Load8(const uint16_t* p) {  // bfloat16 bits -> float32: the float's h
   return v;
 }
 inline void Store8(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
+
+#if defined(__AVX512F__)
+constexpr int64_t kWideLanes = 16;
+#else
+constexpr int64_t kWideLanes = 8;
+#endif
+typedef float VW __attribute__((vector_size(kWideLanes * 4)));
+typedef uint16_t UW __attribute__((vector_size(kWideLanes * 2)));
+typedef uint32_t WW __attribute__((vector_size(kWideLanes * 4)));
+
+inline VW SplatW(float x) { return VW{} + x; }
+inline VW LoadW(const float* p) {
+  VW v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline VW LoadW(const uint16_t* p) {  // bfloat16 bits -> float32, as Load8
+  UW u;
+  std::memcpy(&u, p, sizeof u);
+  WW w = __builtin_convertvector(u, WW) << 16;
+  VW v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+inline void StoreW(float* p, VW v) { std::memcpy(p, &v, sizeof v); }
+
 // Keeps v in a register: GCC otherwise folds a vector reused by several FMAs back into each as
-// a memory operand (a load per FMA), which halved a 4 x 24 matmul tile's rate.
-inline void InRegister(V8& v) {
-#if defined(__x86_64__)
+// a memory operand (a load per FMA), which halved a 4 x 24 matmul tile's rate. ("v": any of
+// AVX-512's 32 vector registers; "x" would allow only the first 16.)
+template <typename V>
+inline void InRegister(V& v) {
+#if defined(__x86_64__) && defined(__AVX512F__)
+  asm("" : "+v"(v));
+#elif defined(__x86_64__)
   asm("" : "+x"(v));
 #elif defined(__aarch64__)
   asm("" : "+w"(v));
