@@ -161,6 +161,25 @@ def test_matmul_einsums_and_what_it_declines():
     assert cpu_matmul.einsum("TD,DF->TF", bf(arr(512, 64)), bf(arr(64, 16))) is not None
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 576, 4096), (3, 100, 7), (32, 576, 1000), (33, 70, 130)])
+def test_matmul_of_a_transposed_bf16_weight(m, k, n):
+    """A tied head, x [M, K] . table [N, K]^T in bf16: on the bf16 dot instructions where the
+    CPU has them (against numpy, every tail of the 4 x 4 tile and of K's 32-wide steps, and
+    each row the same bits alone); declined for XLA's dot where it does not."""
+    rng = np.random.default_rng(m + k + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.bfloat16)
+    head = jax.jit(lambda x, w: cpu_matmul.einsum("BD,VD->BV", x, w))
+    if not cpu_library.has_bf16_dot():
+        assert cpu_matmul.einsum("BD,VD->BV", x, w) is None
+        return
+    got = np.asarray(head(x, w))
+    np.testing.assert_allclose(got, np.asarray(x, np.float64) @ np.asarray(w, np.float64).T,
+                               atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(head(x[:1], w))[0], got[0])
+    assert cpu_matmul.einsum("BD,VD->BV", x.astype(jnp.float32), w) is None  # bf16 x only
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_matmul_rows_do_not_depend_on_the_batch(dtype):
     """A row's result is the same bits alone, streamed with 3 others, or tiled among 31 or 63
@@ -183,8 +202,9 @@ def test_runner_uses_the_matmul_on_one_cpu_device_only(tiny_model):
     from jaxserve.parallel import make_mesh
     from jaxserve.runner import ModelRunner
 
-    ops = lambda model: {node.einsum_op for _, node in nnx.iter_graph(model)
-                         if isinstance(node, nnx.Einsum)}
+    ops = lambda model: {node.einsum_op if isinstance(node, nnx.Einsum) else node.tied_op
+                         for _, node in nnx.iter_graph(model)
+                         if isinstance(node, (nnx.Einsum, llama.LMHead))}
     engine = EngineConfig(max_model_len=64, max_num_seqs=2, page_size=8)
     one = ModelRunner(tiny_model, engine, num_pages=16)
     assert ops(one.model) == {llama.project_cpu}

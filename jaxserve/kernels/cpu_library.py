@@ -30,7 +30,8 @@ HERE = pathlib.Path(__file__).parent
 SOURCES = (HERE / "cpu_paged_decode.cc", HERE / "cpu_matmul.cc")
 HEADERS = (HERE / "cpu_simd.h",)
 # FFI target name -> the handler symbol the library exports
-TARGETS = {"jaxserve_paged_decode": "JaxservePagedDecode", "jaxserve_matmul": "JaxserveMatmul"}
+TARGETS = {"jaxserve_paged_decode": "JaxservePagedDecode", "jaxserve_matmul": "JaxserveMatmul",
+           "jaxserve_matmul_rows": "JaxserveMatmulRows"}
 # -ffp-contract=fast: a * b + c as one FMA everywhere (cpu_matmul.cc's two regimes give the same
 # bits only if both contract alike)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd",
@@ -82,6 +83,7 @@ def build(cache_dir: pathlib.Path | None = None) -> pathlib.Path:
 
 
 _LOCK = threading.Lock()
+_FEATURES: dict[str, bool] = {}  # what the loaded library was compiled with
 
 
 @functools.cache
@@ -94,6 +96,7 @@ def _load_once() -> str | None:
         return str(err)
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    _FEATURES["bf16_dot"] = lib.JaxserveHasBf16Dot() == 1
     return None
 
 
@@ -121,6 +124,12 @@ def require(what: str) -> None:
 def _warn(reason: str) -> None:
     warnings.warn(f"jaxserve's C++ CPU kernels are not available ({reason}); using XLA's "
                   f"paths", stacklevel=4)
+
+
+def has_bf16_dot() -> bool:
+    """Whether the kernels run bf16 x bf16 products on the CPU's bf16 dot-product instructions
+    (AVX512_BF16; cpu_matmul.cc), which the tied head's kernel needs."""
+    return available() and _FEATURES.get("bf16_dot", False)
 
 
 def available() -> bool:

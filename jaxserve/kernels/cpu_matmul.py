@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxserve.kernels import cpu_library
 
 TARGET = "jaxserve_matmul"
+TARGET_ROWS = "jaxserve_matmul_rows"
 LANES = 16  # N must be a multiple of the widest vector (AVX-512's 16 floats; AVX2 needs 8)
 
 # Rows up to which the kernel runs (None: any), where it beats XLA's dot (`benchmarks/matmuls.py`,
@@ -37,23 +38,31 @@ LANES = 16  # N must be a multiple of the widest vector (AVX-512's 16 floats; AV
 MAX_ROWS = {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): None}
 
 
-def _contraction(spec: str) -> tuple[int, int] | None:
-    """(x axes contracted, w axes kept) when `spec` is x [T, *C] . w [*C, *N] -> [T, *N]."""
+def _contraction(spec: str) -> tuple[int, int, bool] | None:
+    """(axes contracted, axes kept, whether w is [*N, *C]) when `spec` is x [T, *C] . w [*C, *N]
+    -> [T, *N] (the projections) or x [T, *C] . w [*N, *C] -> [T, *N] (a tied head's table)."""
     inputs, out = spec.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
     c = len(xs) - 1
-    distinct = len(set(xs + ws)) == len(xs) + len(ws) - c
-    if c < 1 or ws[:c] != xs[1:] or out != xs[0] + ws[c:] or not distinct:
+    if c < 1 or len(set(xs + ws)) != len(xs) + len(ws) - c:
         return None
-    return c, len(ws) - c
+    if ws[:c] == xs[1:] and out == xs[0] + ws[c:]:
+        return c, len(ws) - c, False
+    if ws[-c:] == xs[1:] and out == xs[0] + ws[:-c]:
+        return c, len(ws) - c, True
+    return None
 
 
 def supports(spec: str, x, w) -> bool:
-    """Whether `einsum` computes this projection (shape, dtype and size; not availability)."""
+    """Whether `einsum` computes this projection (shape, dtype and size; not availability, nor
+    the bf16 dot instructions a transposed w needs: see einsum)."""
     form = _contraction(spec)
-    if form is None or x.ndim != form[0] + 1 or w.ndim != sum(form):
+    if form is None or x.ndim != form[0] + 1 or w.ndim != form[0] + form[1]:
         return False
-    n = math.prod(w.shape[form[0]:])
+    c, _, transposed = form
+    if transposed:  # bf16 only, any rows: VDPBF16PS
+        return x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16
+    n = math.prod(w.shape[c:])
     dtype = jnp.dtype(w.dtype)
     if dtype not in MAX_ROWS or x.dtype not in (jnp.float32, jnp.bfloat16) or n % LANES:
         return False
@@ -70,11 +79,27 @@ def matmul(x, w):
         x, w)
 
 
+def matmul_rows(x, w):
+    """x [M, K] . w [N, K]^T -> [M, N] float32, both bfloat16 (a tied head: the embedding table
+    as it is stored). Needs the bf16 dot instructions (cpu_library.has_bf16_dot)."""
+    if not cpu_library.has_bf16_dot():
+        raise RuntimeError("the CPU matmul of a transposed bf16 weight needs AVX512_BF16: "
+                           + (cpu_library.unavailable_reason() or "this CPU lacks it"))
+    return jax.ffi.ffi_call(TARGET_ROWS,
+                            jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+
+
 def einsum(spec: str, x, w):
     """The projection `spec` through the kernel, float32, or None where it does not apply."""
     if not supports(spec, x, w) or not cpu_library.available():
         return None
-    c, _ = _contraction(spec)
+    c, _, transposed = _contraction(spec)
+    if transposed:
+        if not cpu_library.has_bf16_dot():
+            return None
+        k, n = math.prod(w.shape[w.ndim - c:]), math.prod(w.shape[:w.ndim - c])
+        y = matmul_rows(x.reshape(x.shape[0], k), w.reshape(n, k))
+        return y.reshape(x.shape[0], *w.shape[:w.ndim - c])
     k, n = math.prod(w.shape[:c]), math.prod(w.shape[c:])
     y = matmul(x.reshape(x.shape[0], k), w.reshape(k, n))
     return y.reshape(x.shape[0], *w.shape[c:])

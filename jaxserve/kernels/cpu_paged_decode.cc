@@ -375,7 +375,13 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
                   cached.typed_data(), q_pos.typed_data(), out->typed_data(),
                   cd[0], cd[1], kh, e, h / kh, td[1], sm_scale, soft_cap, window, per};
   const bool bits = dtype == ffi::DataType::U16;
-  jaxserve::ParallelFor(pool, n * (kh / per), threads, [&](int64_t i) {
+  // Helpers only for enough KV to share: waking a pool thread costs more than reading a few
+  // hundred KB (one request of 256 positions, SmolLM2's shape: 0.13 ms a layer with a helper).
+  int64_t kv_bytes = 0;
+  for (int64_t i = 0; i < n; ++i) kv_bytes += p.cached[i];
+  kv_bytes *= 2 * kh * e * (bits ? 2 : 4);
+  const int64_t workers = std::clamp<int64_t>(kv_bytes / jaxserve::kBytesPerWorker, 1, threads);
+  jaxserve::ParallelFor(pool, n * (kh / per), workers, [&](int64_t i) {
     thread_local std::vector<Head> heads;
     heads.resize(per * p.group);
     const int64_t request = i / (kh / per), k0 = i % (kh / per) * per;

@@ -53,7 +53,13 @@ typedef float VW __attribute__((vector_size(kWideLanes * 4)));
 typedef uint16_t UW __attribute__((vector_size(kWideLanes * 2)));
 typedef uint32_t WW __attribute__((vector_size(kWideLanes * 4)));
 
-inline VW SplatW(float x) { return VW{} + x; }
+inline VW SplatW(float x) {  // (VW{} + x adds 0.0f to x first, an instruction per splat)
+#if defined(__AVX512F__)
+  return VW{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+  return VW{x, x, x, x, x, x, x, x};
+#endif
+}
 inline VW LoadW(const float* p) {
   VW v;
   std::memcpy(&v, p, sizeof v);
@@ -92,6 +98,8 @@ inline void InRegister(V& v) {
 // XLA, 9.4 with the kernel), and spinning without end would hold a core that another process
 // on a shared machine needs.
 constexpr std::chrono::microseconds kSpin{500};
+// Less data than this per worker (weights, KV): fewer workers, as waking one costs more.
+constexpr int64_t kBytesPerWorker = 1 << 18;
 
 template <typename Fn>
 void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t max_workers, const Fn& fn) {

@@ -102,6 +102,8 @@ def use_cpu_matmul(model: nnx.Module) -> None:
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Einsum):
             node.einsum_op = project_cpu
+        elif isinstance(node, LMHead):
+            node.tied_op = project_cpu
 
 
 def _einsum(spec: str, kernel_shape, kernel_axes, *, dtype, rngs, bias_shape=None,
@@ -237,12 +239,14 @@ class LMHead(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", dtype=dtype)
         self.lm_head = None if c.tie_word_embeddings else _einsum(
             "BD,DV->BV", (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype=dtype, rngs=rngs)
+        self.tied_op = project  # the tied projection's einsum (use_cpu_matmul swaps it)
 
     def __call__(self, hidden, logits_indices, embed: Embed):
         """hidden [T, D], logits_indices [B] -> logits [B, V] in float32."""
         x = self.norm(hidden[logits_indices])  # [B, D]
         if self.lm_head is None:
-            return project("BD,VD->BV", x, embed.embedding[...], preferred_element_type=jnp.float32)
+            return self.tied_op("BD,VD->BV", x, embed.embedding[...],
+                                preferred_element_type=jnp.float32)
         return self.lm_head(x)
 
 
