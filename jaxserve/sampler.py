@@ -211,17 +211,20 @@ def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int):
 
 def maybe_token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int,
                          want: jax.Array):
-    """token_logprobs, with the top log-probs and ranks computed only when `want` (a runtime
-    bool) holds; zeros otherwise. One program serves steps with and without log-probs."""
-    if num_logprobs == 0:
-        return token_logprobs(logits, token_ids, 0)
-    chosen, *_ = token_logprobs(logits, token_ids, 0)
+    """token_logprobs when `want` (a runtime bool: some row asked for log-probs) holds; zeros
+    otherwise. One program serves steps with and without log-probs, and steps without pay
+    nothing: the log-normaliser alone (an exp of every logit) was 3.5 ms of a 55 ms batch-32
+    decode step of the default model in bf16 (benchmarks/decode_profile.py, "sampler")."""
     num_rows = logits.shape[0]
-    empty = (jnp.zeros((num_rows, num_logprobs), jnp.int32),
-             jnp.zeros((num_rows, num_logprobs), jnp.float32), jnp.zeros(num_rows, jnp.int32))
-    top = jax.lax.cond(want, lambda: token_logprobs(logits, token_ids, num_logprobs)[1:],
-                       lambda: empty)
-    return chosen, *top
+
+    def skip():
+        zeros = jnp.zeros(num_rows, jnp.float32)
+        if num_logprobs == 0:
+            return zeros, None, None, None
+        return (zeros, jnp.zeros((num_rows, num_logprobs), jnp.int32),
+                jnp.zeros((num_rows, num_logprobs), jnp.float32), jnp.zeros(num_rows, jnp.int32))
+
+    return jax.lax.cond(want, lambda: token_logprobs(logits, token_ids, num_logprobs), skip)
 
 
 def sample(logits: jax.Array, t: SamplingTensors, *, all_greedy: bool, needs_penalties: bool,

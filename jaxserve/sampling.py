@@ -164,7 +164,7 @@ class SamplingTensors:
     output_positions: Array  # i32[B], index in the output of the token being sampled
     output_token_ids: Array  # i32[B, N] tokens generated so far, padded with V; N = 0 without penalties
     prompt_token_ids: Array  # i32[B, M] prompts of rows with repetition_penalty != 1, padded with V
-    want_logprobs: Array  # bool[]: some row asked for top log-probs (computed only then)
+    want_logprobs: Array  # bool[]: some row asked for log-probs (logprobs >= 0; computed only then)
     # Static flags (part of the compile key). Everything else (top-k, top-p, min-p, seeds,
     # whether log-probs are wanted) is runtime data, so that serving compiles nothing new.
     all_greedy: bool = _static(default=True)
@@ -229,5 +229,5 @@ class SamplingTensors:
             key_data=key_data, output_positions=positions,
             output_token_ids=padded(output_token_ids, penalized),
             prompt_token_ids=padded(prompt_token_ids, repeated),
-            want_logprobs=np.bool_(any(p.logprobs for p in params_list)),
+            want_logprobs=np.bool_(any(p.logprobs is not None for p in params_list)),
             all_greedy=bool(is_greedy.all()), needs_penalties=bool(penalized))

@@ -32,7 +32,8 @@ def run(logits, params, *, positions=None, outputs=None, prompts=None, pad_to=No
     t = SamplingTensors.from_params(
         params, positions or [0] * num, outputs or [[]] * num, prompts or [[]] * num, vocab, pad_to,
         rng=rng)
-    t = dataclasses.replace(t, want_logprobs=np.bool_(num_logprobs > 0))  # as a request asking
+    # top log-probs as a request asking for them would
+    t = dataclasses.replace(t, want_logprobs=np.bool_(num_logprobs > 0 or t.want_logprobs))
     padded = np.zeros((pad_to, vocab), np.float32)
     padded[:num] = logits
     out = _sample(jnp.asarray(padded), t, all_greedy=t.all_greedy, needs_penalties=t.needs_penalties,
@@ -302,12 +303,17 @@ def test_penalties_match_numpy_reference():
                                    rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got[5:], 0.0)
     # Greedy decoding follows the penalized logits; logprobs stay those of the raw logits.
-    greedy = [dataclasses.replace(p, temperature=0) for p in params]
+    greedy = [dataclasses.replace(p, temperature=0, logprobs=0) for p in params]
     out = run(logits, greedy, outputs=outputs, prompts=prompts, pad_to=8)
     expected = [reference_penalties(logits[i], outputs[i], prompts[i], p).argmax() for i, p in enumerate(params)]
     assert out.token_ids.tolist() == expected
     raw = np.log(softmax(logits.astype(np.float64)))
     np.testing.assert_allclose(out.logprobs, raw[np.arange(5), expected], rtol=1e-5, atol=1e-5)
+    # A step where no row asks for log-probs computes none (zeros), and samples the same.
+    unasked = run(logits, [dataclasses.replace(p, logprobs=None) for p in greedy],
+                  outputs=outputs, prompts=prompts, pad_to=8)
+    assert unasked.token_ids.tolist() == expected
+    np.testing.assert_array_equal(unasked.logprobs, 0.0)
 
 
 @pytest.mark.parametrize("num_logprobs", [0, 1, 5])
@@ -316,6 +322,7 @@ def test_logprobs_top_logprobs_and_ranks(num_logprobs):
     logits = rng.standard_normal((6, 500)).astype(np.float32) * 3
     params = [SamplingParams(temperature=0), SamplingParams(seed=1), SamplingParams(temperature=2.0, seed=2),
               SamplingParams(top_k=3, seed=3), SamplingParams(top_p=0.5, seed=4), SamplingParams(temperature=0)]
+    params = [dataclasses.replace(p, logprobs=num_logprobs) for p in params]
     out = run(logits, params, num_logprobs=num_logprobs, pad_to=8)
     log_probs = np.log(softmax(logits.astype(np.float64)))
     rows = np.arange(6)

@@ -96,7 +96,8 @@ def _load_once() -> str | None:
         return str(err)
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    _FEATURES["bf16_dot"] = lib.JaxserveHasBf16Dot() == 1
+    features = lib.JaxserveFeatures()
+    _FEATURES.update(avx512=bool(features & 1), bf16_dot=bool(features & 2))
     return None
 
 
@@ -124,6 +125,12 @@ def require(what: str) -> None:
 def _warn(reason: str) -> None:
     warnings.warn(f"jaxserve's C++ CPU kernels are not available ({reason}); using XLA's "
                   f"paths", stacklevel=4)
+
+
+def has_avx512() -> bool:
+    """Whether the kernels were built for AVX-512 (vectors of 16 floats), which moves where the
+    CPU matmul beats XLA's dot (cpu_matmul.MAX_ROWS)."""
+    return available() and _FEATURES.get("avx512", False)
 
 
 def has_bf16_dot() -> bool:

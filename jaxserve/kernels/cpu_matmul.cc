@@ -572,13 +572,14 @@ ffi::Error MatmulRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::B
 
 }  // namespace
 
-// Whether the library was built with the bf16 dot-product path (cpu_matmul.py asks, by ctypes).
-extern "C" int JaxserveHasBf16Dot() {
+// What the library was built with, for cpu_library.py (by ctypes): bit 0, vectors of 16 floats
+// (AVX-512); bit 1, the bf16 dot-product path (AVX512_BF16).
+extern "C" int JaxserveFeatures() {
+  int features = kLanes == 16 ? 1 : 0;
 #if defined(__AVX512BF16__)
-  return 1;
-#else
-  return 0;
+  features |= 2;
 #endif
+  return features;
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmul, MatmulImpl,

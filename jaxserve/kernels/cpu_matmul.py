@@ -1,16 +1,19 @@
 """The model's projections on CPU at decode sizes, as a C++ kernel through the XLA FFI.
 
-XLA:CPU's dot runs few-row projections well below the machine: at 32 rows the x . W form took
-2.4-2.8x the time of one large matmul at the same FLOP rate, and at 1-4 rows it read bf16 weights
-at a few GB/s (benchmarks/matmuls.py; docs/performance.md). `cpu_matmul.cc` computes
-x [M, K] . w [K, N] -> [M, N] float32 in the model's own weight layout, streaming w for M <= 4
-and with packed 4 x 24 register tiles above.
+XLA:CPU's dot runs few-row projections well below the machine: at 1-4 rows it reads bf16
+weights at a few GB/s (it converts them whole), and on AVX2 its 32-row dots ran 2.4-2.8x the
+time of one large matmul at the same FLOP rate (benchmarks/matmuls.py; docs/performance.md).
+`cpu_matmul.cc` computes x [M, K] . w [K, N] -> [M, N] float32 in the model's own weight layout,
+streaming w for M <= 4 and with packed register tiles above (8 x 48 under AVX-512, 4 x 24 on
+AVX2), bf16 x bf16 on VDPBF16PS where the CPU has AVX512_BF16; and x [M, K] . w [N, K]^T for a
+tied head's table (bf16 on VDPBF16PS only).
 
 `einsum(spec, x, w)` takes the einsums llama.py's projections use (x's trailing axes contract
-with w's leading ones, as in "TD,DKCE->TKCE") and returns None for anything else, or for more
-rows than MAX_ROWS, where XLA's dot is faster (measured per dtype, see MAX_ROWS). A row's result
-is the same bits whatever the number of rows and the threads (cpu_matmul.cc), so a request's
-projections do not depend on the batch it shares while the kernel computes them.
+with w's leading ones, as in "TD,DKCE->TKCE", or with its trailing ones, as the tied head's
+"BD,VD->BV") and returns None for anything else, or for more rows than MAX_ROWS, where XLA's
+dot is faster (measured per dtype and vector width). A row's result is the same bits whatever
+the number of rows and the threads (cpu_matmul.cc), so a request's projections do not depend
+on the batch it shares while the kernel computes them.
 
 It runs only where the caller knows the program is single-device CPU (llama.use_cpu_matmul):
 under a multi-device mesh the partitioner would have to gather each weight for the call.
@@ -31,11 +34,24 @@ TARGET_ROWS = "jaxserve_matmul_rows"
 LANES = 16  # N must be a multiple of the widest vector (AVX-512's 16 floats; AVX2 needs 8)
 
 # Rows up to which the kernel runs (None: any), where it beats XLA's dot (`benchmarks/matmuls.py`,
-# 30 layers of distinct weights, 2 Zen 3 cores, 2026-12-02): float32 even at 1 row (within
-# noise), 1.4-2.5x faster at 4, 1.0-1.5x at 32, even at 64-128, 0.77-0.87x at 512 (prefill
-# chunks keep XLA's dot); bfloat16 faster at every size measured: 5-14x at 1 row (XLA converts
-# whole bf16 weights there), 1.1-2.5x at 4-32, 1.1-1.6x at 128 and 512.
-MAX_ROWS = {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): None}
+# 30 layers of distinct weights), by the vectors it was built for:
+# - AVX2 (2 Zen 3 cores, 2026-12-02): float32 even at 1 row (within noise), 1.4-2.5x faster at
+#   4, 1.0-1.5x at 32, even at 64-128, 0.77-0.87x at 512 (prefill chunks keep XLA's dot);
+#   bfloat16 faster at every size measured: 5-14x at 1 row (XLA converts whole bf16 weights
+#   there), 1.1-2.5x at 4-32, 1.1-1.6x at 128 and 512.
+# - AVX-512 with AVX512_BF16 (2 Zen 5 cores, 2026-12-02): float32 1.1-1.4x faster at 1 row but
+#   0.55-0.85x at 4 and 0.7-0.9x at 32 (XLA's float32 dot uses the same 16-float FMAs, and
+#   overlaps the weight reads better); bfloat16 (VDPBF16PS on both sides) 10-20x faster at 1
+#   row, even at 4, 1.0-1.3x at 32.
+MAX_ROWS = {
+    "avx2": {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): None},
+    "avx512": {jnp.dtype(jnp.float32): 1, jnp.dtype(jnp.bfloat16): None},
+}
+
+
+def max_rows(dtype) -> int | None:
+    """MAX_ROWS of `dtype` weights for the vectors the kernels were built for (builds them)."""
+    return MAX_ROWS["avx512" if cpu_library.has_avx512() else "avx2"].get(jnp.dtype(dtype), 0)
 
 
 def _contraction(spec: str) -> tuple[int, int, bool] | None:
@@ -54,8 +70,9 @@ def _contraction(spec: str) -> tuple[int, int, bool] | None:
 
 
 def supports(spec: str, x, w) -> bool:
-    """Whether `einsum` computes this projection (shape, dtype and size; not availability, nor
-    the bf16 dot instructions a transposed w needs: see einsum)."""
+    """Whether `einsum` computes this projection (shape, dtype and size, for the vectors the
+    kernels were built for; not whether they built, nor the bf16 dot instructions a transposed
+    w needs: see einsum)."""
     form = _contraction(spec)
     if form is None or x.ndim != form[0] + 1 or w.ndim != form[0] + form[1]:
         return False
@@ -63,10 +80,10 @@ def supports(spec: str, x, w) -> bool:
     if transposed:  # bf16 only, any rows: VDPBF16PS
         return x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16
     n = math.prod(w.shape[c:])
-    dtype = jnp.dtype(w.dtype)
-    if dtype not in MAX_ROWS or x.dtype not in (jnp.float32, jnp.bfloat16) or n % LANES:
+    if w.dtype not in (jnp.float32, jnp.bfloat16) or x.dtype not in (jnp.float32, jnp.bfloat16):
         return False
-    return MAX_ROWS[dtype] is None or x.shape[0] <= MAX_ROWS[dtype]
+    limit = max_rows(w.dtype)
+    return n % LANES == 0 and (limit is None or x.shape[0] <= limit)
 
 
 def matmul(x, w):
@@ -91,7 +108,7 @@ def matmul_rows(x, w):
 
 def einsum(spec: str, x, w):
     """The projection `spec` through the kernel, float32, or None where it does not apply."""
-    if not supports(spec, x, w) or not cpu_library.available():
+    if not cpu_library.available() or not supports(spec, x, w):
         return None
     c, _, transposed = _contraction(spec)
     if transposed:
