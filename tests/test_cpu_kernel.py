@@ -141,9 +141,9 @@ def test_matmul_matches_numpy(dtype, m, k, n):
 
 def test_matmul_einsums_and_what_it_declines():
     """The model's projection einsums go through the kernel; anything else, or more rows than
-    MAX_ROWS, is declined (None) for XLA's dot."""
+    MAX_ROWS (for the vectors it was built for), is declined (None) for XLA's dot."""
     rng = np.random.default_rng(3)
-    arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)  # bf16: any rows
     cases = [("TD,DKCE->TKCE", arr(3, 64), arr(64, 3, 5, 16)),
              ("THE,HED->TD", arr(5, 4, 16), arr(4, 16, 64)),
              ("TD,DCF->TCF", arr(2, 64), arr(64, 2, 40)),
@@ -154,11 +154,14 @@ def test_matmul_einsums_and_what_it_declines():
         want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64))
         np.testing.assert_allclose(np.asarray(cpu_matmul.einsum(spec, x, w)), want, atol=1e-4,
                                    rtol=1e-5)
-    assert cpu_matmul.einsum("BD,VD->BV", arr(1, 64), arr(16, 64)) is None  # w [N, K]
+    f32 = lambda a: a.astype(jnp.float32)
+    assert cpu_matmul.einsum("BD,VD->BV", f32(arr(1, 64)), f32(arr(16, 64))) is None  # f32 [N, K]
     assert cpu_matmul.einsum("TD,DF->TF", arr(1, 64), arr(64, 12)) is None  # N % 16
-    assert cpu_matmul.einsum("TD,DF->TF", arr(33, 64), arr(64, 16)) is None  # rows > 32 (f32)
-    bf = lambda a: a.astype(jnp.bfloat16)
-    assert cpu_matmul.einsum("TD,DF->TF", bf(arr(512, 64)), bf(arr(64, 16))) is not None
+    limit = cpu_matmul.max_rows(jnp.float32)
+    assert cpu_matmul.einsum("TD,DF->TF", f32(arr(limit, 64)), f32(arr(64, 16))) is not None
+    assert cpu_matmul.einsum("TD,DF->TF", f32(arr(limit + 1, 64)), f32(arr(64, 16))) is None
+    assert cpu_matmul.max_rows(jnp.bfloat16) is None
+    assert cpu_matmul.einsum("TD,DF->TF", arr(512, 64), arr(64, 16)) is not None
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 576, 4096), (3, 100, 7), (32, 576, 1000), (33, 70, 130)])
