@@ -50,8 +50,11 @@ constexpr int64_t kMaxGroup = 16;  // query heads per KV head up to this
 // Pages prefetched ahead of the one being read, a row for each row read (DotRows). Measured
 // on one thread, batch 32 with 1024 cached tokens (50 MB of float32 K/V, Zen 3): no prefetch
 // 10.4-11.3 ms; a whole page at a time, 2 pages ahead, 9.7 ms (the burst stalls the loads);
-// row by row 7.6-8.3 ms at 1, 2 or 4 pages ahead (2 kept), 8.4-10 at 3 or 6.
-constexpr int64_t kAhead = 2;
+// row by row 7.6-8.3 ms at 1, 2 or 4 pages ahead (2 kept), 8.4-10 at 3 or 6. The same bytes
+// ahead for bf16, 4 pages (2 Zen 5 cores, benchmarks/decode_attention.py, batch 32, 1024
+// tokens: 2.0 ms against 2.3-2.8 at 2 pages; float32 even at 2 and 4).
+template <typename T>
+constexpr int64_t kAhead = 8 / sizeof(T);
 
 inline V8 RoundToBf16(V8 x) {  // to the nearest bfloat16, ties to even (finite x)
   W8 bits;
@@ -307,7 +310,7 @@ void Attend(const Problem& p, int64_t n, int64_t k0, int64_t k1, Head* heads) {
     return std::clamp<int64_t>(pages[index], 0, p.num_pages - 1);
   };
   const int64_t first = begin / S, last = (end + S - 1) / S;  // pages [first, last)
-  for (int64_t i = first; i < std::min(first + kAhead, last); ++i) {
+  for (int64_t i = first; i < std::min(first + kAhead<T>, last); ++i) {
     Prefetch(p, kc, page_at(i), k0, k1);
     Prefetch(p, vc, page_at(i), k0, k1);
   }
@@ -325,7 +328,7 @@ void Attend(const Problem& p, int64_t n, int64_t k0, int64_t k1, Head* heads) {
     }
   }
   for (int64_t i = first; i < last; ++i) {
-    const int64_t ahead = i + kAhead < last ? page_at(i + kAhead) : -1;
+    const int64_t ahead = i + kAhead<T> < last ? page_at(i + kAhead<T>) : -1;
     const int64_t lo = std::max(begin, i * S), hi = std::min(end, (i + 1) * S);
     for (int64_t k = k0; k < k1; ++k) {
       Page(p, kc, vc, page_at(i), lo - i * S, hi - lo, k, p.q + (n * K + k) * G * E,
