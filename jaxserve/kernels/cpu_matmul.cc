@@ -1,28 +1,32 @@
 // The model's projections at decode sizes, for XLA:CPU through the XLA FFI (jax.ffi):
 //
-//   y [M, N] f32 = x [M, K] f32 . w [K, N]     w float32 or bfloat16 (read as its bits)
+//   jaxserve_matmul       y [M, N] f32 = x [M, K] . w [K, N]     x, w float32 or bfloat16
+//   jaxserve_matmul_rows  y [M, N] f32 = x [M, K] . w [N, K]^T   both bfloat16 (a tied head)
 //
-// with w in the model's own [K, N] layout (llama.py's einsums all contract x's trailing axes
-// with w's leading ones, so every projection is this after free reshapes). bf16 weights come
-// as bf16: a bitcast to uint16 in the program is a copy of the whole weight on XLA:CPU.
+// with w in the model's own layout (llama.py's einsums all contract x's trailing axes with w's
+// leading ones, so every projection is the first after free reshapes; a tied head reads the
+// embedding table [V, D] as stored). bf16 arrays come as bf16 and are read as their bits: a
+// bitcast to uint16 in the program is a copy of the whole weight on XLA:CPU.
 //
 // Why a kernel: XLA:CPU's dot runs decode's few-row projections well below the machine
-// (docs/performance.md): at 32 rows the x . W form took 2.4-2.8x the time of one large matmul
-// at the same FLOP rate, and at 1-4 rows it read bf16 weights at a few GB/s. Two regimes:
+// (docs/performance.md): at 1-4 rows it converts whole bf16 weights to float32 first, and on
+// AVX2 its 32-row dots took 2.4-2.8x the time of one large matmul at the same FLOP rate. Two
+// regimes:
 //
 // - M <= kStreamRows (batch-1 to 4 decode): bound by reading W. W is split by rows of K into one
 //   contiguous stretch per worker, read front to back (the hardware prefetchers' best case);
 //   each stretch adds x[:, k] * W[k, :] into a partial y of its own, kept in L1/L2, and the
 //   partials are summed at the end in a fixed order (the result does not depend on which
 //   thread took which stretch).
-// - larger M: bound by FMAs. Column blocks of whole 24-column strips go to the workers; each
-//   packs a slice of rows of its block into a panel that fits L2 (converting bf16 once), and
-//   runs 4 x 24 register tiles (12 accumulators; 3 loads and 4 broadcasts per 12 FMAs) over
-//   every row of x.
+// - larger M: bound by FMAs. Column blocks of whole strips go to the workers; each packs a
+//   slice of rows of its block into a panel that fits L2 (converting bf16 once), and runs
+//   register tiles over every row of x: 8 rows x 48 columns under AVX-512 (24 accumulators of
+//   the 32 registers), 4 x 24 on AVX2 (12 of 16).
 //
-// Measured on 2 Zen 3 cores (one tile, data in L1: 75 GFLOP/s a core; a prefetch of the next
-// slice while packing, blocks of 48 or up to 384 columns and panels of 24-256 KB all measured
-// within noise of each other): see docs/performance.md.
+// bf16 x with bf16 w, where the CPU has AVX512_BF16, runs both regimes on VDPBF16PS (two
+// products of bf16 pairs per float lane, twice the FMA rate) over (k, k + 1) pairs of rows: see
+// MatmulDot. Measured on 2 Zen 3 cores (AVX2) and 2 Zen 5 cores (AVX-512, AVX512_BF16):
+// docs/performance.md.
 
 #include <algorithm>
 #include <cstdint>
