@@ -19,10 +19,11 @@
 //   out      [N, H, E] f32
 // Work items are requests (or, for small batches, (request, KV head) pairs), spread over XLA's
 // intra-op thread pool; the calling thread takes items too, so the call finishes even when the
-// pool has no free thread. Each item walks its pages in order, prefetching two pages ahead (the
+// pool has no free thread. Each item walks its pages in order, prefetching pages ahead (the
 // pages lie anywhere in the pool, which the hardware prefetcher cannot guess), and per page
 // and KV head computes its G heads' scores, one rescale, then the weighted values, in vectors
-// of 8 floats (GCC vector extensions: AVX2 or AVX-512 under -march=native).
+// of 8 floats, or 16 under AVX-512 where the head dim is a multiple of 16 (GCC vector
+// extensions, -march=native).
 
 #include <algorithm>
 #include <cmath>
