@@ -22,8 +22,7 @@
 // pool has no free thread. Each item walks its pages in order, prefetching pages ahead (the
 // pages lie anywhere in the pool, which the hardware prefetcher cannot guess), and per page
 // and KV head computes its G heads' scores, one rescale, then the weighted values, in vectors
-// of 8 floats, or 16 under AVX-512 where the head dim is a multiple of 16 (GCC vector
-// extensions, -march=native).
+// of 8 floats (GCC vector extensions: AVX2 or AVX-512 under -march=native).
 
 #include <algorithm>
 #include <cmath>
@@ -115,35 +114,6 @@ inline V8 Exp8(V8 x) {
   return y * scale;
 }
 
-// Loads, stores and splats of either vector width (V8, or VW: 16 floats under AVX-512), for
-// the loops over E: a head dim that is a multiple of 16 runs on VW there (half the loads,
-// conversions and FMAs of V8), and its per-row sums are folded to V8 for the softmax.
-template <typename Vec, typename T>
-inline Vec LoadAs(const T* p) {  // float32, or bfloat16 bits (uint16) -> float32
-  if constexpr (sizeof(Vec) == sizeof(V8)) {
-    return Load8(p);
-  } else {
-    return jaxserve::LoadW(p);
-  }
-}
-template <typename Vec>
-inline void StoreAs(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-template <typename Vec>
-inline Vec SplatAs(float x) {
-  if constexpr (sizeof(Vec) == sizeof(V8)) {
-    return Splat(x);
-  } else {
-    return jaxserve::SplatW(x);
-  }
-}
-inline V8 Fold(V8 v) { return v; }
-#if defined(__AVX512F__)
-inline V8 Fold(jaxserve::VW v) {  // lanes i and i + 8 added: 8 partial sums, as V8's
-  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-}
-#endif
-
 struct Problem {
   const float* q;
   const void* k_cache;
@@ -185,104 +155,56 @@ void Prefetch(const Problem& p, const T* cache, int64_t page, int64_t k0, int64_
 // rows, left as 8-lane partial sums: dots[g][j] (reduced 8 rows at a time by Sums8).
 // ahead_k, ahead_v: the same head's rows of a page read later, prefetched a row per row read
 // (or null): a steady trickle the load unit absorbs, where a page's worth at once stalled it.
-template <int GB, int NV, typename Vec, typename T>
+template <int GB, int NV, typename T>
 inline void DotRows(const T* key, int64_t stride, int64_t count, const float* q, int64_t runtime_nv,
                     V8 (*dots)[kMaxPage], const T* ahead_k, const T* ahead_v) {
-  constexpr int64_t L = sizeof(Vec) / sizeof(float);
   const int64_t nv = NV > 0 ? NV : runtime_nv;  // a fixed NV unrolls the loop over E
   for (int64_t j = 0; j < count; ++j, key += stride) {
     if (ahead_k != nullptr) {
       const char* ak = reinterpret_cast<const char*>(ahead_k + j * stride);
       const char* av = reinterpret_cast<const char*>(ahead_v + j * stride);
-      for (int64_t b = 0; b < nv * L * int64_t(sizeof(T)); b += 64) {
+      for (int64_t b = 0; b < nv * kLanes * int64_t(sizeof(T)); b += 64) {
         __builtin_prefetch(ak + b, 0, 3);
         __builtin_prefetch(av + b, 0, 3);
       }
     }
-    Vec dot[GB] = {};
+    V8 dot[GB] = {};
     for (int64_t i = 0; i < nv; ++i) {
-      const Vec kv = LoadAs<Vec>(key + i * L);
-      for (int g = 0; g < GB; ++g) dot[g] += LoadAs<Vec>(q + (g * nv + i) * L) * kv;
+      const V8 kv = Load8(key + i * kLanes);
+      for (int g = 0; g < GB; ++g) dot[g] += Load8(q + (g * nv + i) * kLanes) * kv;
     }
-    for (int g = 0; g < GB; ++g) dots[g][j] = Fold(dot[g]);
-  }
-}
-
-// DotRows for the GB query heads from qg, nv vectors of Vec to a row, E unrolled for head dims
-// 64 and 128.
-template <typename Vec, typename T>
-inline void Scores(int64_t gb, int64_t nv, const T* key, int64_t stride, int64_t count,
-                   const float* qg, V8 (*dots)[kMaxPage], const T* ak, const T* av) {
-  constexpr int64_t L = sizeof(Vec) / sizeof(float);
-  const int64_t dim = nv * L;
-  if (dim == 64) {
-    switch (gb) {
-      case 4: DotRows<4, 64 / L, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-      case 3: DotRows<3, 64 / L, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-      case 2: DotRows<2, 64 / L, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-      default: DotRows<1, 64 / L, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-    }
-  } else if (dim == 128) {
-    switch (gb) {
-      case 4: DotRows<4, 128 / L, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-      case 3: DotRows<3, 128 / L, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-      case 2: DotRows<2, 128 / L, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-      default: DotRows<1, 128 / L, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-    }
-  } else {
-    switch (gb) {
-      case 4: DotRows<4, 0, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-      case 3: DotRows<3, 0, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-      case 2: DotRows<2, 0, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-      default: DotRows<1, 0, Vec>(key, stride, count, qg, nv, dots, ak, av); break;
-    }
+    for (int g = 0; g < GB; ++g) dots[g][j] = dot[g];
   }
 }
 
 // acc[g] += sum_j w[g][j] value_j for GB heads over W vectors of E (both fixed: GB * W sums in
 // registers, each value vector loaded, and converted, once for all GB heads).
-template <int GB, int W, typename Vec, typename T>
+template <int GB, int W, typename T>
 inline void WeightRows(const T* value, int64_t stride, int64_t count, float (*w)[kMaxPage],
                        Head* state, int64_t offset) {
-  constexpr int64_t L = sizeof(Vec) / sizeof(float);
-  Vec a[GB][W];
+  V8 a[GB][W];
   for (int g = 0; g < GB; ++g) {
-    for (int i = 0; i < W; ++i) a[g][i] = LoadAs<Vec>(state[g].acc + offset + i * L);
+    for (int i = 0; i < W; ++i) a[g][i] = Load8(state[g].acc + offset + i * kLanes);
   }
   for (int64_t j = 0; j < count; ++j, value += stride) {
-    Vec v[W];
-    for (int i = 0; i < W; ++i) v[i] = LoadAs<Vec>(value + i * L);
+    V8 v[W];
+    for (int i = 0; i < W; ++i) v[i] = Load8(value + i * kLanes);
     for (int g = 0; g < GB; ++g) {
-      const Vec wj = SplatAs<Vec>(w[g][j]);
+      const V8 wj = Splat(w[g][j]);
       for (int i = 0; i < W; ++i) a[g][i] += wj * v[i];
     }
   }
   for (int g = 0; g < GB; ++g) {
-    for (int i = 0; i < W; ++i) StoreAs(state[g].acc + offset + i * L, a[g][i]);
+    for (int i = 0; i < W; ++i) Store8(state[g].acc + offset + i * kLanes, a[g][i]);
   }
 }
 
-template <int GB, typename Vec, typename T>
+template <int GB, typename T>
 inline void WeightAll(const T* value, int64_t stride, int64_t count, float (*w)[kMaxPage],
                       Head* state, int64_t nv) {
-  constexpr int64_t L = sizeof(Vec) / sizeof(float);
   int64_t i = 0;
-  for (; i + 4 <= nv; i += 4) {
-    WeightRows<GB, 4, Vec>(value + i * L, stride, count, w, state, i * L);
-  }
-  for (; i < nv; ++i) WeightRows<GB, 1, Vec>(value + i * L, stride, count, w, state, i * L);
-}
-
-template <typename Vec, typename T>
-inline void Weights(int64_t G, const T* value, int64_t stride, int64_t count,
-                    float (*s)[kMaxPage], Head* state, int64_t nv) {
-  for (int64_t g = 0; g < G; g += 3) {
-    switch (std::min<int64_t>(3, G - g)) {
-      case 3: WeightAll<3, Vec>(value, stride, count, s + g, state + g, nv); break;
-      case 2: WeightAll<2, Vec>(value, stride, count, s + g, state + g, nv); break;
-      default: WeightAll<1, Vec>(value, stride, count, s + g, state + g, nv); break;
-    }
-  }
+  for (; i + 4 <= nv; i += 4) WeightRows<GB, 4>(value + i * kLanes, stride, count, w, state, i * kLanes);
+  for (; i < nv; ++i) WeightRows<GB, 1>(value + i * kLanes, stride, count, w, state, i * kLanes);
 }
 
 // The slots [slot0, slot0 + count) of one page for KV head k and its G query heads (q: [G, E]
@@ -309,13 +231,28 @@ void Page(const Problem& p, const T* kc, const T* vc, int64_t page, int64_t slot
     } else {
       ak = av = nullptr;
     }
-#if defined(__AVX512F__)
-    if (E % jaxserve::kWideLanes == 0) {
-      Scores<jaxserve::VW>(gb, E / jaxserve::kWideLanes, key, stride, count, qg, dots + g, ak, av);
-      continue;
+    if (nv == 8) {  // head dim 64
+      switch (gb) {
+        case 4: DotRows<4, 8>(key, stride, count, qg, nv, dots + g, ak, av); break;
+        case 3: DotRows<3, 8>(key, stride, count, qg, nv, dots + g, ak, av); break;
+        case 2: DotRows<2, 8>(key, stride, count, qg, nv, dots + g, ak, av); break;
+        default: DotRows<1, 8>(key, stride, count, qg, nv, dots + g, ak, av); break;
+      }
+    } else if (nv == 16) {  // head dim 128
+      switch (gb) {
+        case 4: DotRows<4, 16>(key, stride, count, qg, nv, dots + g, ak, av); break;
+        case 3: DotRows<3, 16>(key, stride, count, qg, nv, dots + g, ak, av); break;
+        case 2: DotRows<2, 16>(key, stride, count, qg, nv, dots + g, ak, av); break;
+        default: DotRows<1, 16>(key, stride, count, qg, nv, dots + g, ak, av); break;
+      }
+    } else {
+      switch (gb) {
+        case 4: DotRows<4, 0>(key, stride, count, qg, nv, dots + g, ak, av); break;
+        case 3: DotRows<3, 0>(key, stride, count, qg, nv, dots + g, ak, av); break;
+        case 2: DotRows<2, 0>(key, stride, count, qg, nv, dots + g, ak, av); break;
+        default: DotRows<1, 0>(key, stride, count, qg, nv, dots + g, ak, av); break;
+      }
     }
-#endif
-    Scores<V8>(gb, nv, key, stride, count, qg, dots + g, ak, av);
   }
   const V8 scale = Splat(p.sm_scale), minus_inf = Splat(-INFINITY);
   for (int64_t g = 0; g < G; ++g) {
@@ -350,13 +287,13 @@ void Page(const Problem& p, const T* kc, const T* vc, int64_t page, int64_t slot
     // (each lane past the slots adds e^-87 ~ 2e-38 to a sum that is >= 1: nothing)
     state[g].l += Sum8(sum);
   }
-#if defined(__AVX512F__)
-  if (E % jaxserve::kWideLanes == 0) {
-    Weights<jaxserve::VW>(G, vc + row0, stride, count, s, state, E / jaxserve::kWideLanes);
-    return;
+  for (int64_t g = 0; g < G; g += 3) {
+    switch (std::min<int64_t>(3, G - g)) {
+      case 3: WeightAll<3>(vc + row0, stride, count, s + g, state + g, nv); break;
+      case 2: WeightAll<2>(vc + row0, stride, count, s + g, state + g, nv); break;
+      default: WeightAll<1>(vc + row0, stride, count, s + g, state + g, nv); break;
+    }
   }
-#endif
-  Weights<V8>(G, vc + row0, stride, count, s, state, nv);
 }
 
 // One work item: request n, KV heads [k0, k1), over its cached positions page by page (the
