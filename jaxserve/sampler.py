@@ -215,16 +215,9 @@ def maybe_token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: 
     otherwise. One program serves steps with and without log-probs, and steps without pay
     nothing: the log-normaliser alone (an exp of every logit) was 3.5 ms of a 55 ms batch-32
     decode step of the default model in bf16 (benchmarks/decode_profile.py, "sampler")."""
-    num_rows = logits.shape[0]
-
-    def skip():
-        zeros = jnp.zeros(num_rows, jnp.float32)
-        if num_logprobs == 0:
-            return zeros, None, None, None
-        return (zeros, jnp.zeros((num_rows, num_logprobs), jnp.int32),
-                jnp.zeros((num_rows, num_logprobs), jnp.float32), jnp.zeros(num_rows, jnp.int32))
-
-    return jax.lax.cond(want, lambda: token_logprobs(logits, token_ids, num_logprobs), skip)
+    compute = lambda: token_logprobs(logits, token_ids, num_logprobs)
+    skip = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
+    return jax.lax.cond(want, compute, skip)
 
 
 def sample(logits: jax.Array, t: SamplingTensors, *, all_greedy: bool, needs_penalties: bool,

@@ -29,19 +29,26 @@ typedef uint32_t W8 __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
 
 inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
-inline V8 Load8(const float* p) {
-  V8 v;
+// A vector V of floats from memory, or from bfloat16 bits (Bits: as many uint16, Words: as many
+// uint32): the float's high half.
+template <typename V>
+inline V LoadFloats(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline V8 Load8(const uint16_t* p) {  // bfloat16 bits -> float32: the float's high half
-  U8 u;
+template <typename V, typename Bits, typename Words>
+inline V LoadBf16(const uint16_t* p) {
+  Bits u;
   std::memcpy(&u, p, sizeof u);
-  W8 w = __builtin_convertvector(u, W8) << 16;
-  V8 v;
+  const Words w = __builtin_convertvector(u, Words) << 16;
+  V v;
   std::memcpy(&v, &w, sizeof v);
   return v;
 }
+
+inline V8 Load8(const float* p) { return LoadFloats<V8>(p); }
+inline V8 Load8(const uint16_t* p) { return LoadBf16<V8, U8, W8>(p); }
 inline void Store8(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
 
 #if defined(__AVX512F__)
@@ -60,19 +67,8 @@ inline VW SplatW(float x) {  // (VW{} + x adds 0.0f to x first, an instruction p
   return VW{x, x, x, x, x, x, x, x};
 #endif
 }
-inline VW LoadW(const float* p) {
-  VW v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline VW LoadW(const uint16_t* p) {  // bfloat16 bits -> float32, as Load8
-  UW u;
-  std::memcpy(&u, p, sizeof u);
-  WW w = __builtin_convertvector(u, WW) << 16;
-  VW v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
-}
+inline VW LoadW(const float* p) { return LoadFloats<VW>(p); }
+inline VW LoadW(const uint16_t* p) { return LoadBf16<VW, UW, WW>(p); }
 inline void StoreW(float* p, VW v) { std::memcpy(p, &v, sizeof v); }
 
 // Keeps v in a register: GCC otherwise folds a vector reused by several FMAs back into each as
