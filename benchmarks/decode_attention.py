@@ -16,7 +16,7 @@ bandwidth (numpy, read + write, as decode_profile.py counts it), the best measur
 rounds.
 
 Rows by default: `landed` (kernels.ragged_paged_attention as the model calls it: the C++
-kernel of kernels/cpu_paged_decode.cc where it builds), `jnp path` (the pure-jnp decode path,
+kernel of kernels/cpu_paged_attention.cc where it builds), `jnp path` (the pure-jnp decode path,
 ref_ragged_paged_attention: chunks of DECODE_STEP_TOKENS / B positions, at most 256), and
 `gather only` (the jnp path's chunk loop gathering each chunk's K and V pages and summing
 them: the limit of any formulation that gathers pages before its products). `--variants all` adds the alternatives tried, each at every

@@ -66,15 +66,21 @@ def load(dtype, random_weights: bool) -> llama.LlamaModel:
 
 
 def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: float,
-            repeats: int) -> list[tuple]:
+            repeats: int, prompt: int = 0) -> list[tuple]:
+    """The parts of a decode step of `batch` requests; with `prompt`, of a prefill step of
+    `batch` prompts of `prompt` tokens instead (no cached tokens, logits of each last token)."""
     r, c = runner, runner.config
     itemsize = jnp.dtype(r.model.dtype).itemsize
-    b = r.bucket_for(batch, batch, True)
-    pages = -(-(context + 1) // r.page_size)
+    new = prompt or 1  # tokens each request computes this step
+    kv_len = prompt or context + 1
+    tokens = batch * new
+    b = r.bucket_for(tokens, batch, not prompt)
+    pages = -(-kv_len // r.page_size)
     tables = [list(range(1 + i * pages, 1 + (i + 1) * pages)) for i in range(batch)]
-    md_host = r._metadata(b, [1] * batch, [context + 1] * batch, tables)
-    ids, md, li = r._put((np.zeros(b.num_tokens, np.int32), md_host,
-                          np.arange(b.num_requests, dtype=np.int32)))
+    md_host = r._metadata(b, [new] * batch, [kv_len] * batch, tables)
+    last = np.zeros(b.num_requests, np.int32)
+    last[:batch] = np.arange(1, batch + 1) * new - 1
+    ids, md, li = r._put((np.zeros(b.num_tokens, np.int32), md_host, last))
     el, hl, g = r._embed_leaves, r._head_leaves, r.layers_per_program
     groups = c.num_layers // g
     hidden = r._program(("embed", b.num_tokens), r._embed, el, ids)(el, ids)
@@ -117,24 +123,25 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
     sp, ban = r._put((sp, np.zeros((b.num_requests, 0), np.int32)))
     t_sample = timed(lambda: r._run_sampler(logits, sp, ban, 0)[0].token_ids, repeats)
 
-    t_host = _host_time(r, batch, context, repeats)
+    t_host = _host_time(r, batch, context, repeats) if not prompt else 0.0
 
     weights = {name: sum(x.size for x in jax.tree_util.tree_leaves(v)) * itemsize for name, v in (
         ("matmuls", w), ("embed", ()), ("head", el))}
-    kv_read = batch * (context + 1) * 2 * c.num_kv_heads * c.head_dim * itemsize * c.num_layers
+    attended = kv_len if not prompt else prompt * (prompt + 1) // 2  # (query, key) pairs
+    kv_read = batch * kv_len * 2 * c.num_kv_heads * c.head_dim * itemsize * c.num_layers
     rows = [  # part, seconds, bytes, flops
         ("embed", timed(lambda: r._embed(el, ids), repeats), batch * c.hidden_size * itemsize, 0),
         ("layers", t_layers, weights["matmuls"] * c.num_layers + kv_read,
-         2 * batch * sum(x.size for x in w) * c.num_layers),
+         2 * tokens * sum(x.size for x in w) * c.num_layers),
         ("  matmuls alone", t_mm, weights["matmuls"] * c.num_layers,
-         2 * batch * sum(x.size for x in w) * c.num_layers),
-        ("  attention alone", t_attn, kv_read,
-         4 * batch * (context + 1) * c.num_heads * c.head_dim * c.num_layers),
+         2 * tokens * sum(x.size for x in w) * c.num_layers),
+        ("  attention alone", t_attn, kv_read,  # causal: a prompt's scores are a triangle
+         4 * batch * attended * c.num_heads * c.head_dim * c.num_layers),
         ("head", timed(lambda: head(hl, el, hidden, li), repeats), weights["head"],
          2 * batch * c.hidden_size * c.vocab_size),
-        ("cache write", t_write, 2 * batch * c.num_layers * c.num_kv_heads * c.head_dim * itemsize, 0),
+        ("cache write", t_write, 2 * tokens * c.num_layers * c.num_kv_heads * c.head_dim * itemsize, 0),
         ("sampler", t_sample, batch * c.vocab_size * 4, 0),
-        ("host", t_host, 0, 0),
+        *([("host", t_host, 0, 0)] if not prompt else []),
     ]
     out = []
     for part, seconds, nbytes, flops in rows:
@@ -168,26 +175,30 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=0, help="profile a prefill step instead: each of "
+                    "the batch's requests computes a prompt of this many tokens")
     ap.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's shape")
     a = ap.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
     dtype = jnp.dtype(a.dtype)
     bw, peak = machine_limits(dtype, a.repeats)
     model = load(dtype, a.random)
-    pages = -(-(a.context + 1) // 16)
+    pages = -(-max(a.context + 1, a.prompt) // 16)
     engine = EngineConfig(max_model_len=pages * 16, max_num_seqs=max(batches),
-                          decode_buckets=tuple(batches), max_num_batched_tokens=16,
+                          decode_buckets=tuple(batches),
+                          max_num_batched_tokens=max(16, max(batches) * a.prompt),
                           num_kv_pages=1 + max(batches) * pages, page_size=16)
     runner = ModelRunner(model, engine, engine.num_kv_pages)
-    print(f"{a.dtype}, context {a.context}; copy {bw / 1e9:.1f} GB/s, matmul "
+    step = f"prefill of {a.prompt}-token prompts" if a.prompt else f"decode, context {a.context}"
+    print(f"{a.dtype}, {step}; copy {bw / 1e9:.1f} GB/s, matmul "
           f"{peak / 1e9:.0f} GFLOP/s (2048^2, {a.dtype})")
     print(f"{'B':>3} {'part':<18} {'ms':>8} {'floor ms':>9} {'x floor':>8}")
     for batch in batches:
-        rows = profile(runner, batch, a.context, bw, peak, a.repeats)
+        rows = profile(runner, batch, a.context, bw, peak, a.repeats, a.prompt)
         for b, part, ms, floor, ratio in rows:
             print(f"{b:>3} {part:<18} {ms:8.2f} {floor:9.2f} {'-' if ratio is None else f'{ratio:.1f}':>8}")
         total = sum(ms for _, part, ms, _, _ in rows if not part.startswith("  "))
-        print(f"{batch:>3} {'step (sum)':<18} {total:8.2f}   -> {batch / total * 1e3:.0f} tok/s", flush=True)
+        print(f"{batch:>3} {'step (sum)':<18} {total:8.2f}   -> {batch * max(a.prompt, 1) / total * 1e3:.0f} tok/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ every sampling option, preemption by recompute and by swap, stop strings and abo
 scheduler alone, driven one step ahead by the fake runner, must produce the reference tokens."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tests.test_engine import prompts
 from tests.test_scheduler import assert_all_pages_free, config, fed, reference, runner_for
 
+from jaxserve.kernels import cpu_matmul
 from jaxserve.sampling import SamplingParams
 from jaxserve.sched import Request, Scheduler
 
@@ -86,10 +88,31 @@ def workload(vocab, n=14, seed=0):
 
 
 @pytest.fixture(scope="module")
-def pair(make_tiny_engine):
+def invariant_engine(make_tiny_engine):
+    """Tiny engines whose logits for a token are the same bits whatever batch it is in, so the
+    two engines, which batch differently (stop checks lag a step; preemptions fall elsewhere),
+    must sample the same tokens: every projection on the C++ matmul (kernels/cpu_matmul.py:
+    rows are batch-invariant; by default float32 on AVX-512 leaves 2+ rows to XLA, whose dot
+    rounds differently at 1 row and at 64), the tied head at 2+ rows (decode buckets from 2:
+    XLA's 1-row dot is the odd one), attention on the C++ kernel (every token the same
+    sequence), steps of at most 32 tokens (a token's hidden state in the 64-token program
+    differed from the 32-token one's by ~1e-4, though its matmuls, attention, norm and RoPE
+    each gave the same bits alone: not yet located). A near-tie in top-p's acceptance test then
+    cannot flip a token between them, as it did (r9 of the recompute case, a rank-1 token
+    against a rank-33 one)."""
+    saved = {width: dict(rows) for width, rows in cpu_matmul.MAX_ROWS.items()}
+    for rows in cpu_matmul.MAX_ROWS.values():
+        rows[jnp.dtype(jnp.float32)] = None
+    yield lambda **kw: make_tiny_engine(decode_buckets=(2, 4, 8), max_num_batched_tokens=32, **kw)
+    for width, rows in saved.items():
+        cpu_matmul.MAX_ROWS[width] = rows
+
+
+@pytest.fixture(scope="module")
+def pair(invariant_engine):
     """(async engine, synchronous engine) on the tiny test config, shared by the tests here:
     each leaves them idle."""
-    return make_tiny_engine(async_scheduling=True), make_tiny_engine(async_scheduling=False)
+    return invariant_engine(async_scheduling=True), invariant_engine(async_scheduling=False)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -97,9 +120,9 @@ def pair(make_tiny_engine):
     dict(num_kv_pages=16),  # preemption by recompute
     dict(num_kv_pages=16, preemption_mode="swap", host_prefix_cache=True),
 ], ids=["roomy", "recompute", "swap"])
-def test_outputs_equal_the_synchronous_engine(make_tiny_engine, pair, backend_compiles, overrides):
+def test_outputs_equal_the_synchronous_engine(invariant_engine, pair, backend_compiles, overrides):
     # outputs do not depend on the cache: a small one (preemptions) against the roomy one
-    ahead, in_order = pair[0] if not overrides else make_tiny_engine(**overrides), pair[1]
+    ahead, in_order = pair[0] if not overrides else invariant_engine(**overrides), pair[1]
     arrivals = workload(ahead.runner.config.vocab_size, seed=len(overrides))
     before = backend_compiles()
     got, overlap = serve(ahead, arrivals)

@@ -1,5 +1,6 @@
-"""The C++ CPU kernels (through the XLA FFI): decode attention (kernels/cpu_paged_decode.cc)
-against the jnp path at the default model's head shape and the matmul (kernels/cpu_matmul.cc)
+"""The C++ CPU kernels (through the XLA FFI): ragged paged attention
+(kernels/cpu_paged_attention.cc) against the jnp path at the default model's head shape, on
+decode, prefill and mixed steps, and the matmul (kernels/cpu_matmul.cc)
 against numpy in float64; what the dispatch picks, and how they fail."""
 
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxserve import kernels
-from jaxserve.kernels import build_metadata, cpu_library, cpu_matmul, cpu_paged_decode
+from jaxserve.kernels import build_metadata, cpu_library, cpu_matmul, cpu_paged_attention
 from jaxserve.kernels.ragged_paged_attention import ref_ragged_paged_attention
 from jaxserve.kernels.storage import BITS, to_storage
 
@@ -77,10 +78,94 @@ def test_kernel_matches_jnp_path_other_shapes(kv_heads, group, head_dim, page_si
 def _custom_calls(md, args, **kw) -> int:
     hlo = jax.jit(lambda *a: kernels.ragged_paged_attention(*a, md, sm_scale=0.125, **kw)).lower(
         *args).as_text()
-    return hlo.count(cpu_paged_decode.TARGET)
+    return hlo.count(cpu_paged_attention.TARGET)
 
 
-def test_dispatch_runs_the_kernel_for_decode_steps_only():
+def ragged_batch(rng, query_lens, kv_lens, *, query_block=16, page_size=16, kv_heads=3, group=3,
+                 head_dim=64, dtype=jnp.float32, pad_tokens=5, pad_requests=1, keys=None):
+    """Requests computing `query_lens` new tokens each with `kv_lens` positions after the step,
+    on shuffled pages, NaN in every slot not cached before the step, padding tokens, blocks and
+    requests in the bucket. keys: (K, V) [R, max kv_len, K, E] to use, else random."""
+    pages = [-(-n // page_size) for n in kv_lens]
+    num_pages = 1 + sum(pages) + 3
+    perm = rng.permutation(np.arange(1, num_pages))
+    tables = [perm[sum(pages[:i]):sum(pages[:i + 1])].tolist() for i in range(len(kv_lens))]
+    t, r = sum(query_lens) + pad_tokens, len(kv_lens) + pad_requests
+    md = build_metadata(query_lens=query_lens, kv_lens=kv_lens, page_tables=tables,
+                        page_size=page_size, num_tokens=t, num_requests=r,
+                        num_pages_per_request=max(pages) + 1,
+                        num_blocks=sum(-(-q // query_block) for q in query_lens) + 2,
+                        query_block=query_block)
+    if keys is None:
+        shape = (len(kv_lens), max(kv_lens), kv_heads, head_dim)
+        keys = rng.standard_normal(shape), rng.standard_normal(shape)
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    kc, vc = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    kn, vn = np.zeros((t, kv_heads, head_dim), np.float32), np.zeros((t, kv_heads, head_dim), np.float32)
+    tok = 0
+    for i, (table, q, n) in enumerate(zip(tables, query_lens, kv_lens)):
+        for pos in range(n):
+            if pos < n - q:
+                kc[table[pos // page_size], pos % page_size] = keys[0][i, pos]
+                vc[table[pos // page_size], pos % page_size] = keys[1][i, pos]
+            else:
+                kn[tok], vn[tok] = keys[0][i, pos], keys[1][i, pos]
+                tok += 1
+    store = BITS if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
+    cache = lambda x: to_storage(jnp.asarray(x, dtype).astype(jnp.float32), store)
+    q = jnp.asarray(rng.standard_normal((t, kv_heads * group, head_dim)), dtype)
+    return md, (q, cache(kc), cache(vc), jnp.asarray(kn, dtype), jnp.asarray(vn, dtype))
+
+
+def attend(md, args, impl, **kw):
+    return np.asarray(jax.jit(lambda *a: kernels.ragged_paged_attention(
+        *a, md, sm_scale=0.125, impl=impl, **kw))(*args), np.float32)
+
+
+@pytest.mark.parametrize("dtype,window,soft_cap,query_block", [
+    (jnp.float32, None, None, 16), (jnp.float32, 40, None, 16), (jnp.float32, None, 30.0, 4),
+    (jnp.bfloat16, None, None, 16), (jnp.bfloat16, 21, 30.0, 16)])
+def test_kernel_matches_jnp_path_on_prefill_and_mixed_steps(dtype, window, soft_cap, query_block):
+    """Whole prompts, chunks after a cached prefix (starting mid-page and on a page boundary),
+    decodes beside them, one-token chunks; query blocks of 16 and 4 (several per chunk)."""
+    query_lens = [37, 1, 20, 1, 16, 3, 1]
+    kv_lens = [37, 50, 120, 17, 48, 3, 333]
+    md, args = ragged_batch(np.random.default_rng(3), query_lens, kv_lens, dtype=dtype,
+                            query_block=query_block)
+    assert not md.decode_only
+    want = attend(md, args, "reference", sliding_window=window, soft_cap=soft_cap)
+    got = attend(md, args, "cpu", sliding_window=window, soft_cap=soft_cap)
+    tol = 1e-2 if dtype == jnp.bfloat16 else 2e-6
+    used = sum(query_lens)
+    np.testing.assert_allclose(got[:used], want[:used], atol=tol, rtol=tol)
+    assert np.all(got[used:] == 0), "padding tokens write nothing"
+
+
+def test_a_tokens_result_does_not_depend_on_its_step():
+    """The same prompt in one chunk, in two chunks (the first chunk's K/V cached) and as the
+    decode of its last token, alone or beside other requests: the same bits, token by token
+    (the synchronous and overlapped engines batch differently and must agree)."""
+    rng = np.random.default_rng(4)
+    n, others = 45, [30, 7]
+    shape = (3, 64, 3, 64)
+    keys = rng.standard_normal(shape), rng.standard_normal(shape)
+    q_all = rng.standard_normal((n, 9, 64)).astype(np.float32)
+
+    def run(query_lens, kv_lens, first):  # outputs of request 0's tokens first..kv_lens[0]-1
+        md, args = ragged_batch(np.random.default_rng(5), query_lens, kv_lens, keys=keys)
+        q = np.asarray(args[0]).copy()
+        q[:query_lens[0]] = q_all[first:kv_lens[0]]
+        return attend(md, (jnp.asarray(q), *args[1:]), "cpu")[:query_lens[0]]
+
+    whole = run([n], [n], 0)
+    np.testing.assert_array_equal(run([n - 20], [n - 20], 0), whole[:n - 20])
+    np.testing.assert_array_equal(run([20, *others], [n, *others], n - 20), whole[n - 20:])
+    np.testing.assert_array_equal(run([13, 1, 5], [n, 40, 5], n - 13), whole[n - 13:])
+    np.testing.assert_array_equal(run([1], [n], n - 1), whole[n - 1:])  # a decode-only step
+    np.testing.assert_array_equal(run([1, 1], [n, 9], n - 1), whole[n - 1:])
+
+
+def test_dispatch_runs_the_kernel_on_cpu():
     rng = np.random.default_rng(1)
     md, args = decode_batch(rng, [5, 40])
     assert _custom_calls(md, args) == 1  # the default on CPU
@@ -89,8 +174,8 @@ def test_dispatch_runs_the_kernel_for_decode_steps_only():
                            page_size=16, num_tokens=4, num_requests=2, num_pages_per_request=4,
                            num_blocks=4, query_block=1)
     assert not mixed.decode_only
-    assert _custom_calls(mixed, args) == 0
-    assert _custom_calls(mixed, args, impl="cpu") == 0  # "cpu" runs prefill in the reference
+    assert _custom_calls(mixed, args) == 1  # prefill and mixed steps too
+    assert _custom_calls(mixed, args, impl="reference") == 0
     with pytest.raises(ValueError, match="bfloat16 stored as uint16 bits"):
         bf16 = [x.astype(jnp.bfloat16) for x in args]
         kernels.ragged_paged_attention(*bf16, md, sm_scale=0.125, impl="cpu")
@@ -113,7 +198,7 @@ def test_build_failures_say_why(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         cpu_library.build(tmp_path)
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
-    with pytest.raises(RuntimeError, match=r"compiling the CPU kernels \(cpu_paged_decode.cc, "
+    with pytest.raises(RuntimeError, match=r"compiling the CPU kernels \(cpu_paged_attention.cc, "
                                            r"cpu_matmul.cc\) failed"):
         cpu_library.build(tmp_path)
     assert not list(tmp_path.iterdir()), "a failed build leaves no library behind"

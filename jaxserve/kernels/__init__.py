@@ -2,8 +2,8 @@
 
 `ragged_paged_attention` is what the models call. It runs the Pallas kernel of the backend the
 arrays live on (`tpu_ragged_paged_attention` on TPU, `gpu_ragged_paged_attention` on GPU); on
-CPU, decode-only steps run the C++ kernel of `cpu_paged_decode` (through the XLA FFI) where it
-builds, and everything else the pure-jnp reference
+CPU, the C++ kernel of `cpu_paged_attention` (through the XLA FFI) where it builds, else the
+pure-jnp reference
 (`ragged_paged_attention.ref_ragged_paged_attention`); `impl=` overrides the choice and
 `interpret=True` runs a kernel in Pallas interpret mode (CPU tests, benchmarks). Shapes a kernel
 cannot run (say, a head dim it cannot tile) fall back to the reference with one warning per
@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxserve.config import SparseAttentionConfig
 from jaxserve.kernels import cpu_library
-from jaxserve.kernels import cpu_paged_decode as _cpu
+from jaxserve.kernels import cpu_paged_attention as _cpu
 from jaxserve.kernels import sparse as _sparse
 from jaxserve.kernels.metadata import AttentionMetadata, build_metadata, num_query_blocks
 from jaxserve.kernels.ragged_paged_attention import ref_ragged_paged_attention
@@ -61,7 +61,7 @@ def write_summaries(summaries, k_news, slot_mapping, *, page_size: int, mesh: Me
     return jax.shard_map(write, mesh=mesh, in_specs=(_SUMMARY, _HEADS, P()), out_specs=_SUMMARY,
                          check_vma=False)(summaries, k_news, slot_mapping)
 
-IMPLS = ("reference", "cpu", "tpu", "gpu")  # "cpu": the C++ decode kernel, the reference otherwise
+IMPLS = ("reference", "cpu", "tpu", "gpu")  # "cpu": the C++ kernel (cpu_paged_attention.py)
 KERNELS = ("tpu", "gpu")  # each is jaxserve.kernels.<name>_ragged_paged_attention
 
 
@@ -97,8 +97,8 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
 
     impl: None picks by backend (TPU -> "tpu", GPU -> "gpu", CPU -> "cpu" where its kernel
     builds, else "reference"); an explicit Pallas kernel on another backend needs
-    interpret=True (Pallas interpret mode, slow, for tests). "cpu" runs decode-only steps in
-    the C++ kernel (cpu_paged_decode.py) and other steps in the reference.
+    interpret=True (Pallas interpret mode, slow, for tests). "cpu" runs the C++ kernel
+    (cpu_paged_attention.py), decode and prefill alike.
     mesh: heads and KV heads split over its "tensor" axis; each device runs the chosen
     implementation on its shard (K divides by the axis size: parallel.py makes sure of it).
     sparse, summaries: decodes read only the pages chosen from the key summaries (per layer
@@ -138,7 +138,7 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
     backend = backend_of(q)
     if impl is None:
         impl = backend if backend in KERNELS else "reference"
-        if backend == "cpu" and md.decode_only and _cpu.supports(k_cache) and cpu_library.available():
+        if backend == "cpu" and _cpu.supports(k_cache) and cpu_library.available():
             impl = "cpu"
     if impl == "cpu":
         if backend != "cpu":
@@ -146,10 +146,8 @@ def ragged_paged_attention(q, k_cache, v_cache, k_new, v_new, md: AttentionMetad
         if not _cpu.supports(k_cache):
             raise ValueError(f"impl='cpu' reads float32 caches or bfloat16 stored as uint16 bits "
                              f"(kernels/storage.py), not {k_cache.dtype}")
-        if md.decode_only:
-            return _cpu.paged_decode(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
-                                     sliding_window=sliding_window, soft_cap=soft_cap)
-        impl = "reference"
+        return _cpu.paged_attention(q, k_cache, v_cache, k_new, v_new, md, sm_scale=sm_scale,
+                                    sliding_window=sliding_window, soft_cap=soft_cap)
     if impl in KERNELS and backend != impl and not interpret:
         raise ValueError(f"impl={impl!r} needs {impl.upper()} arrays, these are on {backend}; "
                          f"pass interpret=True to run it in Pallas interpret mode")

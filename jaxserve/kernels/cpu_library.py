@@ -1,4 +1,4 @@
-"""The C++ kernels for XLA:CPU (`cpu_paged_decode.cc`, `cpu_matmul.cc`, sharing `cpu_simd.h`),
+"""The C++ kernels for XLA:CPU (`cpu_paged_attention.cc`, `cpu_matmul.cc`, sharing `cpu_simd.h`),
 built into one shared library and registered as XLA FFI targets (`jax.ffi`).
 
 The sources are compiled on first use with the system's C++ compiler (`$CXX`, else `c++`)
@@ -27,10 +27,10 @@ import jax
 import jaxlib
 
 HERE = pathlib.Path(__file__).parent
-SOURCES = (HERE / "cpu_paged_decode.cc", HERE / "cpu_matmul.cc")
+SOURCES = (HERE / "cpu_paged_attention.cc", HERE / "cpu_matmul.cc")
 HEADERS = (HERE / "cpu_simd.h",)
 # FFI target name -> the handler symbol the library exports
-TARGETS = {"jaxserve_paged_decode": "JaxservePagedDecode", "jaxserve_matmul": "JaxserveMatmul",
+TARGETS = {"jaxserve_paged_attention": "JaxservePagedAttention", "jaxserve_matmul": "JaxserveMatmul",
            "jaxserve_matmul_rows": "JaxserveMatmulRows"}
 # -ffp-contract=fast: a * b + c as one FMA everywhere (cpu_matmul.cc's two regimes give the same
 # bits only if both contract alike)

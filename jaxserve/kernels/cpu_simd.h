@@ -1,4 +1,4 @@
-// What the CPU kernels (cpu_paged_decode.cc, cpu_matmul.cc) share: vectors of 8 floats, vectors
+// What the CPU kernels (cpu_paged_attention.cc, cpu_matmul.cc) share: vectors of 8 floats, vectors
 // as wide as the target's registers, and a parallel loop over XLA's intra-op thread pool.
 //
 // Vectors are GCC vector extensions, so one source compiles to AVX2 or AVX-512 under
