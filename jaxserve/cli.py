@@ -21,7 +21,9 @@ def _engine_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF folder, .gguf file, or orbax folder from "
                    "`jaxserve convert` (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 where the hardware multiplies it natively (GPU, TPU, "
+                        "a CPU with AVX512_BF16), else float32")
     g.add_argument("--max-model-len", type=int, default=None)
     # One conversation at a time: few shape buckets to compile (5 with these defaults).
     g.add_argument("--max-num-seqs", type=int, default=1)

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve import multihost
-from jaxserve.config import EngineConfig
+from jaxserve.config import EngineConfig, resolve_dtype
 from jaxserve.errors import JaxserveError
 from jaxserve.models.llama import LlamaModel
 from jaxserve.outputs import RequestMetrics, RequestOutput
@@ -96,6 +96,7 @@ class Engine:
 
         config = dataclasses.replace(config or EngineConfig(), **kwargs)
         multihost.initialize(config)  # before anything asks jax for devices
+        config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype))
         if config.model is None:
             from jaxserve.models.fetch import default_model_path
 
@@ -119,6 +120,8 @@ class Engine:
         """An engine over already-loaded parts (tests, notebooks experimenting with weights).
         The engine runs its own copy of `model`'s parameters, placed on the mesh (`self.model`)."""
         self = cls.__new__(cls)
+        if config.dtype == "auto":  # the model's own
+            config = dataclasses.replace(config, dtype=jnp.dtype(model.dtype).name)
         self._setup(config, model, tokenizer, progress, mesh)
         return self
 

@@ -35,3 +35,17 @@ def test_engine_config_errors_name_the_field(field, value):
 def test_several_processes_need_a_coordinator():
     with pytest.raises(ConfigError, match="coordinator_address is needed when num_processes > 1"):
         EngineConfig(num_processes=2)
+
+
+def test_auto_dtype_is_bfloat16_where_the_cpu_multiplies_it(monkeypatch, make_tiny_engine):
+    """"auto" (the CLI's default): bfloat16 on a CPU with the bf16 dot instructions, float32 on
+    one without; an engine over a loaded model keeps the model's dtype."""
+    from jaxserve.config import resolve_dtype
+    from jaxserve.kernels import cpu_library
+
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(cpu_library, "has_bf16_dot", lambda: True)
+    assert resolve_dtype("auto") == ("bfloat16" if cpu_library.available() else "float32")
+    monkeypatch.setattr(cpu_library, "has_bf16_dot", lambda: False)
+    assert resolve_dtype("auto") == "float32"
+    assert make_tiny_engine(dtype="auto").config.dtype == "float32"  # the tiny model's

@@ -17,8 +17,8 @@ from jaxserve.sampling import SamplingParams
 from tests.server_util import free_port, process_server
 from tests.test_orbax import hf_folder  # noqa: F401 - the tiny 8-head HF checkpoint fixture
 
-ENGINE_ARGS = ("--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "128",
-               "--kv-cache-memory", str(4 << 20), "--log-level", "warning")
+ENGINE_ARGS = ("--dtype", "float32", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+               "--max-model-len", "128", "--kv-cache-memory", str(4 << 20), "--log-level", "warning")
 PROMPTS = ["Hello there, my friend", "The sea is", "One two three four five six seven"]
 
 
