@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -50,6 +51,8 @@ def main() -> int:
     ap.add_argument("--vllm-model", default=None,
                     help="HF folder for vLLM (default: the default model's GGUF dequantized, peers.py)")
     ap.add_argument("--vllm-dtype", default="bfloat16")
+    ap.add_argument("--engine-args", default="", help="more `jaxserve serve` flags, after the others "
+                    "(the last of a flag wins), e.g. '--max-num-batched-tokens 1024 --no-async-scheduling'")
     ap.add_argument("--no-offline", dest="offline", action="store_false", help="skip the offline row")
     a = ap.parse_args()
     rates = [float(r) for r in a.request_rates.split(",")]
@@ -71,9 +74,11 @@ def main() -> int:
     from server_util import process_server
 
     t0 = time.perf_counter()
+    engine_args += shlex.split(a.engine_args)
     with process_server(*engine_args, "--log-level", "warning") as (url, proc):
         print(f"jaxserve server up in {time.perf_counter() - t0:.1f} s (load + warmup)", flush=True)
-        load(url, "jaxserve serve" + (" (default flags)" if a.default_flags else ""))
+        load(url, "jaxserve serve" + (" (default flags)" if a.default_flags else "")
+             + (f" {a.engine_args}" if a.engine_args else ""))
         proc.send_signal(subprocess.signal.SIGTERM)
         proc.wait(60)
     if a.peer == "vllm":
