@@ -207,7 +207,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         gate_up = self.gate_up(x).astype(x.dtype)  # [T, 2, F]
-        return self.down(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]).astype(x.dtype)
+        # SiLU in float32, rounded to the model's dtype once, as torch computes it for bf16.
+        # jax.nn.silu on bf16 rounds after each of its five ops: 16.2 ms of a 256-token bf16
+        # prefill step against 10.4 this way (jax.profiler trace), and further from HF's bf16
+        # (teacher-forced log-probs of the default model: mean |diff| 0.077 against 0.073)
+        gate = gate_up[:, 0].astype(jnp.float32)
+        act = (gate * jax.nn.sigmoid(gate)).astype(x.dtype)
+        return self.down(act * gate_up[:, 1]).astype(x.dtype)
 
 
 class DecoderLayer(nnx.Module):
