@@ -18,14 +18,15 @@ import sys
 import time
 
 
-def one(dtype: str, max_num_seqs: int, max_num_batched_tokens: int) -> dict:
+def one(dtype: str, max_num_seqs: int, max_num_batched_tokens: int, layers_per_program: int | None) -> dict:
     """In this process: start LLM() cold and return its timings."""
     t0 = time.perf_counter()
     from jaxserve import LLM
 
     t1 = time.perf_counter()
     llm = LLM(dtype=dtype, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, progress=False)
+              max_num_batched_tokens=max_num_batched_tokens, progress=False,
+              **({} if layers_per_program is None else dict(layers_per_program=layers_per_program)))
     t2 = time.perf_counter()
     kinds = collections.defaultdict(lambda: [0, 0.0])
     for key, seconds in llm.engine.runner.programs.compile_seconds.items():
@@ -40,23 +41,26 @@ def main():
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=64)  # LLM()'s defaults
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--layers-per-program", type=int, default=None, help="default: EngineConfig's")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(one(a.child, a.max_num_seqs, a.max_num_batched_tokens)))
+        print(json.dumps(one(a.child, a.max_num_seqs, a.max_num_batched_tokens, a.layers_per_program)))
         return
     rows = []
     for dtype in a.dtypes.split(","):
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, __file__, "--child", dtype, "--max-num-seqs",
                               str(a.max_num_seqs), "--max-num-batched-tokens",
-                              str(a.max_num_batched_tokens)], check=True, capture_output=True,
+                              str(a.max_num_batched_tokens)] + ([] if a.layers_per_program is None else [
+                                  "--layers-per-program", str(a.layers_per_program)]), check=True, capture_output=True,
                              text=True, env={**os.environ, "JAXSERVE_XLA_CACHE": ""})
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["process"] = time.perf_counter() - t0
         rows.append((dtype, r))
     print(f"cold LLM(max_num_seqs={a.max_num_seqs}, max_num_batched_tokens="
-          f"{a.max_num_batched_tokens}), empty XLA cache, {os.cpu_count()} CPUs\n")
+          f"{a.max_num_batched_tokens}, layers_per_program={a.layers_per_program or 'default'}), "
+          f"empty XLA cache, {os.cpu_count()} CPUs\n")
     print("| dtype | process s | imports s | LLM() s | warmup s | programs | compile work s |")
     print("|---|---|---|---|---|---|---|")
     for dtype, r in rows:
