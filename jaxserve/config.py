@@ -201,16 +201,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     decode_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # padded batch sizes of decode steps
     # Layers per compiled program (the nearest divisor of L is used), the same program for every
-    # group. 10 on the default model (3 programs a step): a batch-32 bf16 decode step 41.9-42.2
-    # ms against 44.3-45.2 with 5 (15: 38.9-40.8, 30: 39.6-41.4), batch 1 within noise; fewer
-    # programs are fewer launches and fewer cache writes running beside the next group. Cold
-    # warmup 12.9-17 s for 5-15 (`benchmarks/warmup.py --dtypes bfloat16 --layers-per-program
-    # N`, Zen 5, 2026-12-03). Not 15: bfloat16 results depend on the grouping at the 0.1-0.2
-    # log-prob level (XLA:CPU keeps some intermediates in float32 within a program), and 15
-    # flipped the first token of the README's chat example, a near-tie ("The" -1.86 / "L" -1.97
-    # with 5, -2.02 / -1.93 with 15; float32, any grouping, and 10: -1.88 / -1.97 to -1.98).
-    # float32 results do not depend on it.
-    layers_per_program: int = 10
+    # group. 15 on the default model (2 programs a step): batch-32 bf16 decode steps 35.2 / 37.0
+    # ms against 37.5 / 38.9 with 10 and 39.4 / 35.5 with 30, batch 1 9.8-10.4 ms against
+    # 11.3-12.8 (medians of 60 steps, two rounds, Zen 5, 2026-12-03); before, 5 ran 44.3-45.2 ms
+    # at batch 32. Cold warmup 16.9 s against 14.0 with 5 (`benchmarks/warmup.py --dtypes
+    # bfloat16 --layers-per-program N`). Results do not depend on it: bf16 programs round
+    # every op on CPU (runner/programs.py), float32 ones need nothing.
+    layers_per_program: int = 15
     seed: int = 0  # seeds the draws of unseeded requests
     # Sharding (parallel.py). A user's jax.sharding.Mesh may be passed to Engine / LLM as `mesh=`.
     tensor_parallel_size: int = 1  # devices the heads, MLP width, vocabulary and KV heads split over

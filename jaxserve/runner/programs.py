@@ -27,6 +27,14 @@ class Programs:
 
     def __init__(self, replicated):
         self.replicated = replicated
+        # On CPU, every bf16 op rounds to bf16: XLA:CPU otherwise keeps some of a fusion's
+        # intermediates in float32 (xla_allow_excess_precision), so bf16 results depended on
+        # which ops shared a program, by 0.1-0.2 in log-prob on the default model across
+        # layers_per_program values, enough to flip near-ties. Rounded, they agree for any
+        # grouping and sit closer to HF's bf16 (which rounds every op); steps as fast
+        # (docs/performance.md). float32 programs are unaffected.
+        cpu = next(iter(replicated.device_set)).platform == "cpu"
+        self.compiler_options = {"xla_allow_excess_precision": False} if cpu else None
         self.compiled: dict[tuple, jax.stages.Compiled] = {}
         self.seconds = 0.0  # wall time spent compiling (and lowering, inside deferred())
         self.compile_seconds: dict[tuple, float] = {}  # each program's compile (benchmarks/warmup.py)
@@ -54,7 +62,7 @@ class Programs:
 
     def _compile(self, key: tuple, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         t0 = time.perf_counter()
-        exe = lowered.compile()
+        exe = lowered.compile(compiler_options=self.compiler_options)
         self.compile_seconds[key] = time.perf_counter() - t0
         return exe
 
