@@ -12,6 +12,8 @@ asks for every projection at batch 32 within 1.5x of it. Rows:
   x.W              x [M, K] . W [K, N] -> [M, N]: the model's form (llama.project)
   kernel           the same through jaxserve's C++ matmul (kernels/cpu_matmul.py), which the
                    runner uses up to its MAX_ROWS
+  packed           the kernel on weights packed once (cpu_matmul.pack: bf16 with AVX512_BF16),
+                   as the runner's programs take them
   W-first          W stored [N, K] (as HF stores it), computed as W . x^T -> [N, M] and left
                    in that orientation
   x.W^T            W stored [N, K], computed as x . W^T -> [M, N] (token-major, HF's layout)
@@ -88,6 +90,11 @@ def projection_rows(m: int, dtype, repeats: int, variants: set[str]) -> list[tup
             if "kernel" in variants and cpu_library.available():
                 g = jax.jit(lambda x, ws: [cpu_matmul.matmul(x, w) for w in ws])
                 rows.append((name, "kernel", timed(lambda: g(x, ws), repeats), flops))
+                spec = "TD,DF->TF"
+                if all(cpu_matmul.packable(spec, w) for w in ws):
+                    packed = [cpu_matmul.pack(spec, w) for w in ws]
+                    g = jax.jit(lambda x, ws: [cpu_matmul.einsum(spec, x, w) for w in ws])
+                    rows.append((name, "packed", timed(lambda: g(x, packed), repeats), flops))
         if "w-first" in variants:
             ws = weights(rng, k, n, dtype, transposed=True)
             f = jax.jit(lambda x, ws: [dot_general(w, x, 1, 1, **F32) for w in ws])

@@ -45,6 +45,10 @@ def kernel_labels(runner) -> dict[str, str]:
                 labels[name].add("attention")
             elif target == "jaxserve_matmul_rows":
                 labels[name].add("head")
+            elif target == "jaxserve_matmul_packed":  # w [N / 16, K / 2, 16]
+                s, p, _ = map(int, re.findall(r"\[(\d+),(\d+),(\d+)\]", operands)[-1])
+                w = (2 * p, 16 * s)
+                labels[name].add("head" if w == (d, c.vocab_size) else by_shape.get(w, f"matmul {w}"))
             else:
                 shapes = re.findall(r"\[(\d+),(\d+)\]", operands)
                 w = tuple(map(int, shapes[-1])) if shapes else None

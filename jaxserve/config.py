@@ -208,6 +208,11 @@ class EngineConfig:
     # bfloat16 --layers-per-program N`). Results do not depend on it: bf16 programs round
     # every op on CPU (runner/programs.py), float32 ones need nothing.
     layers_per_program: int = 15
+    # bf16 on one CPU device with AVX512_BF16: the programs take a copy of the projection
+    # weights (and a tied head's table) packed for jaxserve's matmul kernel (kernels/
+    # cpu_matmul.py `pack`), which holds the weights twice in memory. False: one copy, and the
+    # kernel interleaves them on every call (1.3-1.8x slower projections; benchmarks/matmuls.py).
+    cpu_packed_weights: bool = True
     seed: int = 0  # seeds the draws of unseeded requests
     # Sharding (parallel.py). A user's jax.sharding.Mesh may be passed to Engine / LLM as `mesh=`.
     tensor_parallel_size: int = 1  # devices the heads, MLP width, vocabulary and KV heads split over

@@ -281,6 +281,98 @@ def test_matmul_rows_do_not_depend_on_the_batch(dtype):
         np.testing.assert_array_equal(np.asarray(mm(x[:m], w))[0], alone, err_msg=f"M={m}")
 
 
+PACK_SPECS = [("TD,DKCE->TKCE", (64, 3, 5, 16)), ("THE,HED->TD", (9, 16, 64)),
+              ("TD,DCF->TCF", (576, 2, 208)), ("TF,FD->TD", (130, 48)), ("BD,VD->BV", (1040, 64))]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 33, 256])
+@pytest.mark.parametrize("spec,shape", PACK_SPECS)
+def test_packed_matmul_matches_numpy(spec, shape, m):
+    """Packed weights (cpu_matmul.pack) through einsum, each projection form of the model and
+    the tied head: against numpy in float64 at the few-row tiles (up to 4 rows: 4 strips a
+    pass) and the 8 x 3 ones, with strip tails (13 and 65 strips of 16 columns) and an odd
+    number of pairs (K = 130). Without the bf16 dot instructions nothing is packed."""
+    rng = np.random.default_rng(m + sum(shape))
+    w = jnp.asarray(rng.standard_normal(shape) / 8, jnp.bfloat16)
+    c = 1 if spec.startswith("TD") or spec.startswith("TF") or spec.startswith("BD") else 2
+    x = jnp.asarray(rng.standard_normal((m, *(shape[-c:] if spec == "BD,VD->BV" else shape[:c]))),
+                    jnp.bfloat16)
+    if not cpu_library.has_bf16_dot():
+        assert not cpu_matmul.packable(spec, w)
+        return
+    assert cpu_matmul.packable(spec, w)
+    wp = cpu_matmul.pack(spec, w)
+    assert wp.dtype == jnp.uint32 and wp.size * 2 == w.size
+    got = jax.jit(lambda x, wp: cpu_matmul.einsum(spec, x, wp))(x, wp)
+    want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64))
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+
+
+def test_packed_matmul_rows_do_not_depend_on_the_batch():
+    """Each y[m, n] is one chain over K in order, whatever the tile: a row is the same bits
+    alone, with 3 others (few-row tiles) or among 31 or 255 (8-row tiles, a row tail)."""
+    if not cpu_library.has_bf16_dot():
+        pytest.skip("needs AVX512_BF16 (asserted unpackable in test_packed_matmul_matches_numpy)")
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((256, 600)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((600, 208)) / 25, jnp.bfloat16)
+    wp = cpu_matmul.pack("TD,DF->TF", w)
+    mm = jax.jit(lambda x: cpu_matmul.einsum("TD,DF->TF", x, wp))
+    alone = np.asarray(mm(x[:1]))[0]
+    for m in (2, 4, 5, 32, 255):
+        np.testing.assert_array_equal(np.asarray(mm(x[:m]))[0], alone, err_msg=f"M={m}")
+
+
+def test_what_packing_declines():
+    """float32, an odd last contracted axis, or output columns not a multiple of 16."""
+    arr = lambda *s: jnp.zeros(s, jnp.bfloat16)
+    assert not cpu_matmul.packable("TD,DF->TF", arr(64, 32).astype(jnp.float32))
+    assert not cpu_matmul.packable("THE,HED->TD", arr(4, 15, 64))
+    assert not cpu_matmul.packable("TD,DF->TF", arr(64, 24))
+    assert not cpu_matmul.packable("TD,DF->FT", arr(64, 64))  # not a projection form
+
+
+def test_runner_packs_bf16_weights_for_its_programs(make_tiny_engine, tiny_model):
+    """On one CPU device in bf16 the programs take packed copies of the projections and of the
+    tied head's table; the live model keeps the checkpoint layout; log-probs equal the unpacked
+    runner's to bf16 rounding, and an edited weight is packed again by sync_weights."""
+    from jaxserve.models.llama import init_model
+    from jaxserve.sampling import SamplingParams
+
+    model = init_model(tiny_model.config, jax.random.PRNGKey(1), jnp.bfloat16, scale=0.5)
+    runs, engines = [], []
+    for packed in (True, False):
+        engine = make_tiny_engine(model, cpu_packed_weights=packed)
+        engine.add_request("a", list(range(100, 140)), SamplingParams(
+            temperature=0, max_tokens=1, logprobs=5, prompt_logprobs=1))
+        while engine.has_unfinished_requests():
+            done = [o for o in engine.step() if o.finished]
+        runs.append((done[0].prompt_logprobs[1:], done[0].outputs[0].logprobs[0]))
+        engines.append(engine)
+    (prompt_a, first_a), (prompt_b, first_b) = runs
+    assert first_a.keys() == first_b.keys()
+    np.testing.assert_allclose([v.logprob for v in first_a.values()],
+                               [v.logprob for v in first_b.values()], atol=0.03)
+    np.testing.assert_allclose([next(iter(lp.values())).logprob for lp in prompt_a],
+                               [next(iter(lp.values())).logprob for lp in prompt_b], atol=0.03)
+    runner = engines[0].runner
+    dtypes = lambda leaves: [x.dtype for x in leaves]
+    if not cpu_library.has_bf16_dot():
+        assert jnp.uint32 not in dtypes(runner._layer_leaves[0])
+        return
+    assert dtypes(runner._layer_leaves[0]).count(jnp.uint32) == 4  # qkv, o, gate_up, down
+    assert dtypes(runner._head_embed_leaves) == [jnp.uint32]
+    assert dtypes(runner._embed_leaves) == [jnp.bfloat16]
+    assert all(x.dtype != jnp.uint32 for x in jax.tree.leaves(nnx.state(runner.model)))
+    assert jnp.uint32 not in dtypes(engines[1].runner._layer_leaves[0])
+    down = runner.model.layers[1].mlp.down.kernel
+    down.set_value(down[...] * 2)
+    runner.sync_weights()
+    want = cpu_matmul.pack("TF,FD->TD", down[...])
+    assert any(x.shape == want.shape and bool((x == want).all()) for x in runner._layer_leaves[1])
+
+
 def test_runner_uses_the_matmul_on_one_cpu_device_only(tiny_model):
     """The runner routes its own copy's projections through the kernel on a one-device CPU
     mesh, never under a larger mesh (the partitioner would gather whole weights for it); the

@@ -519,6 +519,86 @@ void MatmulRows(ffi::ThreadPool& pool, const uint16_t* x, int64_t M, int64_t K, 
     }
   });
 }
+// y [M, N] = x [M, K] . w where w was packed once for this kernel (cpu_matmul.pack): its
+// (k, k + 1) pairs of rows interleaved column by column, as uint32 [N / 16, K / 2, 16]: strip
+// s holds columns [16 s, 16 s + 16) for every pair, contiguous. So the weights are read as
+// they lie, with no permutes and no per-call packing (MatmulDot's interleaving and panels),
+// and each y[m, n] is one VDPBF16PS chain over the pairs in order from zero, in registers:
+// the same bits whatever M, the tile and the threads. Tiles: MR rows x NV strips.
+template <int MR, int NV>
+void TilePacked(const uint32_t* xp, int64_t P, const uint32_t* w, float* y, int64_t N) {
+  V acc[MR][NV] = {};
+  for (int64_t p = 0; p < P; ++p) {
+    __m512bh b[NV];
+    for (int j = 0; j < NV; ++j) {
+      b[j] = Pairs(_mm512_loadu_si512(w + (j * P + p) * 16));
+      jaxserve::InRegister(b[j]);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = Broadcast(xp[r * P + p]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = Dot(acc[r][j], a, b[j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NV; ++j) Store(y + r * N + j * 16, acc[r][j]);
+  }
+}
+
+using TilePackedFn = void (*)(const uint32_t*, int64_t, const uint32_t*, float*, int64_t);
+
+template <int MR>
+constexpr TilePackedFn TilePackedFor(int64_t nv) {
+  return nv == 3 ? TilePacked<MR, 3> : nv == 2 ? TilePacked<MR, 2> : TilePacked<MR, 1>;
+}
+
+TilePackedFn TilePackedFor(int64_t mr, int64_t nv) {
+  switch (mr) {
+    case 8: return TilePackedFor<8>(nv);
+    case 7: return TilePackedFor<7>(nv);
+    case 6: return TilePackedFor<6>(nv);
+    case 5: return TilePackedFor<5>(nv);
+    case 4: return TilePackedFor<4>(nv);
+    case 3: return TilePackedFor<3>(nv);
+    case 2: return TilePackedFor<2>(nv);
+    default: return TilePackedFor<1>(nv);
+  }
+}
+
+// Few rows: wider tiles (more strips per pass, fewer passes over x).
+template <int MR>
+void TilesFew(const uint32_t* xp, int64_t P, const uint32_t* w, float* y, int64_t N, int64_t s0,
+              int64_t s1) {
+  constexpr int NV = 4;
+  int64_t s = s0;
+  for (; s + NV <= s1; s += NV) TilePacked<MR, NV>(xp, P, w + s * P * 16, y + s * 16, N);
+  for (; s < s1; ++s) TilePacked<MR, 1>(xp, P, w + s * P * 16, y + s * 16, N);
+}
+
+void MatmulPacked(ffi::ThreadPool& pool, const uint32_t* xp, int64_t M, int64_t P,
+                  const uint32_t* w, int64_t N, float* y) {
+  const int64_t strips = N / 16, workers = Workers(pool, P * N * 4);
+  // items of a few strips each, taken in order from a shared counter
+  const int64_t per = M <= 4 ? 4 : kNV, items = (strips + per - 1) / per;
+  jaxserve::ParallelFor(pool, items, workers, [&](int64_t item) {
+    const int64_t s0 = item * per, s1 = std::min(strips, s0 + per);
+    if (M <= 4) {
+      switch (M) {
+        case 1: TilesFew<1>(xp, P, w, y, N, s0, s1); break;
+        case 2: TilesFew<2>(xp, P, w, y, N, s0, s1); break;
+        case 3: TilesFew<3>(xp, P, w, y, N, s0, s1); break;
+        default: TilesFew<4>(xp, P, w, y, N, s0, s1); break;
+      }
+      return;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int64_t mr = std::min(kMR, M - m0);
+      for (int64_t s = s0; s < s1; s += kNV) {
+        const int64_t nv = std::min<int64_t>(kNV, s1 - s);
+        TilePackedFor(mr, nv)(xp + m0 * P, P, w + s * P * 16, y + m0 * N + s * 16, N);
+      }
+    }
+  });
+}
 #endif  // __AVX512BF16__
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -593,6 +673,24 @@ ffi::Error MatmulRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::B
 #endif
 }
 
+ffi::Error MatmulPackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                            ffi::Buffer<ffi::U32> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != 16 || xd[1] != 2 * wd[1]) {
+    return ffi::Error::InvalidArgument("matmul_packed: x [M, 2P] and w [N / 16, P, 16] expected");
+  }
+#if defined(__AVX512BF16__)
+  const int64_t M = xd[0], P = wd[1], N = wd[0] * 16;
+  if (M > 0 && N > 0) {
+    MatmulPacked(pool, static_cast<const uint32_t*>(x.untyped_data()), M, P,
+                 w.typed_data(), N, y->typed_data());
+  }
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "matmul_packed: built without AVX512_BF16");
+#endif
+}
+
 }  // namespace
 
 // What the library was built with, for cpu_library.py (by ctypes): bit 0, vectors of 16 floats
@@ -617,4 +715,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulRows, MatmulRowsImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // w [N, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulPacked, MatmulPackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // w packed [N / 16, K / 2, 16]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]

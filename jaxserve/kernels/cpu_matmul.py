@@ -8,6 +8,15 @@ streaming w for M <= 4 and with packed register tiles above (8 x 48 under AVX-51
 AVX2), bf16 x bf16 on VDPBF16PS where the CPU has AVX512_BF16; and x [M, K] . w [N, K]^T for a
 tied head's table (bf16 on VDPBF16PS only).
 
+Packed weights (bf16 with AVX512_BF16): `pack` lays a weight out once as the kernel reads it,
+(k, k + 1) pairs interleaved in strips of 16 columns, and `einsum` on a packed weight runs
+`jaxserve_matmul_packed`: no permutes or per-call panels, each output one register chain over
+K (rows batch-invariant). The runner's programs take packed copies of the projections and of a
+tied head's table (llama.packed_weights; EngineConfig.cpu_packed_weights). Over 30 layers of
+the default model's shapes (`benchmarks/matmuls.py`, rows "kernel" and "packed", 2 Zen 5
+cores, 2026-12-03, a shared machine with 25% steal): the four projections at 1 row 8.3 -> 3.8-4.6
+ms (weights read at 45-64 GB/s), at 32 rows 21.2 -> 14.6, at 256 rows 109 -> 88.
+
 `einsum(spec, x, w)` takes the einsums llama.py's projections use (x's trailing axes contract
 with w's leading ones, as in "TD,DKCE->TKCE", or with its trailing ones, as the tied head's
 "BD,VD->BV") and returns None for anything else, or for more rows than MAX_ROWS, where XLA's
@@ -31,6 +40,7 @@ from jaxserve.kernels import cpu_library
 
 TARGET = "jaxserve_matmul"
 TARGET_ROWS = "jaxserve_matmul_rows"
+TARGET_PACKED = "jaxserve_matmul_packed"
 LANES = 16  # N must be a multiple of the widest vector (AVX-512's 16 floats; AVX2 needs 8)
 
 # Rows up to which the kernel runs (None: any), where it beats XLA's dot (`benchmarks/matmuls.py`,
@@ -106,8 +116,60 @@ def matmul_rows(x, w):
                             jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
 
 
+def packable(spec: str, w) -> bool:
+    """Whether `pack` applies to the weight `w` of the projection `spec`: bf16, an even last
+    contracted axis, output columns a multiple of 16, on a CPU with the bf16 dot instructions."""
+    form = _contraction(spec)
+    if form is None or w.dtype != jnp.bfloat16 or w.ndim != form[0] + form[1]:
+        return False
+    c, _, transposed = form
+    contracted = w.shape[w.ndim - c:] if transposed else w.shape[:c]
+    n = math.prod(w.shape[:w.ndim - c] if transposed else w.shape[c:])
+    return contracted[-1] % 2 == 0 and n % 16 == 0 and cpu_library.has_bf16_dot()
+
+
+def pack(spec: str, w):
+    """The weight `w` of projection `spec` (x [T, *C] . w -> [T, *N]; see `packable`) as the
+    packed kernel reads it: uint32 pairs of bfloat16, (k, k + 1) of the flattened contraction
+    interleaved, in strips of 16 output columns, [N / 16, K / 2, 16] in memory. Its shape is
+    w's with the last contracted axis halved, so the module's shape logic (Einsum's bias
+    broadcast, the einsum's output axes) holds; only `einsum` reads it. A one-off transpose."""
+    c, _, transposed = _contraction(spec)
+    if transposed:
+        kept, contracted = w.shape[:w.ndim - c], w.shape[w.ndim - c:]
+        w2 = w.reshape(math.prod(kept), -1).T
+    else:
+        contracted, kept = w.shape[:c], w.shape[c:]
+        w2 = w.reshape(-1, math.prod(kept))
+    k, n = w2.shape
+    pairs = w2.reshape(k // 2, 2, n // 16, 16).transpose(2, 0, 3, 1)  # [N/16, K/2, 16, 2]
+    packed = jax.lax.bitcast_convert_type(pairs, jnp.uint32)  # (k, k + 1): low, high half
+    halved = (*contracted[:-1], contracted[-1] // 2)
+    return packed.reshape(*kept, *halved) if transposed else packed.reshape(*halved, *kept)
+
+
+def matmul_packed(x, wp):
+    """x [M, K] bfloat16 . wp (`pack`ed, [N / 16, K / 2, 16]) -> [M, N] float32."""
+    return jax.ffi.ffi_call(TARGET_PACKED, jax.ShapeDtypeStruct(
+        (x.shape[0], wp.shape[0] * 16), jnp.float32))(x, wp)
+
+
+def _einsum_packed(spec: str, x, wp):
+    c, _, transposed = _contraction(spec)
+    if x.dtype != jnp.bfloat16:
+        raise TypeError(f"a packed weight multiplies bfloat16 inputs, got {x.dtype}")
+    kept = wp.shape[:wp.ndim - c] if transposed else wp.shape[c:]
+    n = math.prod(kept)
+    y = matmul_packed(x.reshape(x.shape[0], -1), wp.reshape(n // 16, -1, 16))
+    return y.reshape(x.shape[0], *kept)
+
+
 def einsum(spec: str, x, w):
-    """The projection `spec` through the kernel, float32, or None where it does not apply."""
+    """The projection `spec` through the kernel, float32, or None where it does not apply (a
+    `pack`ed w always applies)."""
+    if w.dtype == jnp.uint32:
+        cpu_library.require("packed CPU matmul")
+        return _einsum_packed(spec, x, w)
     if not cpu_library.available() or not supports(spec, x, w):
         return None
     c, _, transposed = _contraction(spec)

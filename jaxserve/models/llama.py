@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn import dtypes
 from jax.sharding import Mesh
 
 from jaxserve import kernels
@@ -106,12 +107,44 @@ def use_cpu_matmul(model: nnx.Module) -> None:
             node.tied_op = project_cpu
 
 
+TIED_HEAD = "BD,VD->BV"  # the tied head's projection: x . embedding^T
+
+
+def packed_weights(module: nnx.Module) -> nnx.Module:
+    """A copy of `module` whose bf16 projection weights are packed for the CPU matmul
+    (cpu_matmul.pack: no per-call interleaving; 1.3-1.8x faster projections), sharing its other
+    arrays; an Embed's table is packed as the tied head reads it, so the copy of an embedding
+    serves the head only. The runner's programs take these copies where their projections run
+    `project_cpu`; `module` keeps the checkpoint layout (the live model), so packing holds a
+    second copy of those weights."""
+    copy = nnx.clone(module)
+    for _, node in nnx.iter_graph(copy):
+        if isinstance(node, nnx.Einsum):
+            spec, var = node.einsum_str, node.kernel
+        elif isinstance(node, Embed):
+            spec, var = TIED_HEAD, node.embedding
+        else:
+            continue
+        if cpu_matmul.packable(spec, var[...]):
+            var.set_value(cpu_matmul.pack(spec, var[...]))
+    return copy
+
+
+def _promote(args, /, *, dtype=None, inexact=True):
+    """nnx.Einsum's dtype promotion, leaving a packed weight (uint32, cpu_matmul.pack) and its
+    input as they are: promoting would turn the packed bits into numbers."""
+    if args[1] is not None and args[1].dtype == jnp.uint32:
+        return args
+    return dtypes.promote_dtype(args, dtype=dtype, inexact=inexact)
+
+
 def _einsum(spec: str, kernel_shape, kernel_axes, *, dtype, rngs, bias_shape=None,
             bias_axes=()) -> nnx.Einsum:
     """A projection that computes in float32 whatever the weight dtype (see the module doc)."""
     return nnx.Einsum(spec, kernel_shape, bias_shape, param_dtype=dtype, rngs=rngs,
                       kernel_init=_normal, bias_init=nnx.initializers.zeros_init(),
                       preferred_element_type=jnp.float32, einsum_op=project,
+                      promote_dtype=_promote,
                       kernel_metadata=_axes(*kernel_axes), bias_metadata=_axes(*bias_axes))
 
 
@@ -251,7 +284,7 @@ class LMHead(nnx.Module):
         """hidden [T, D], logits_indices [B] -> logits [B, V] in float32."""
         x = self.norm(hidden[logits_indices])  # [B, D]
         if self.lm_head is None:
-            return self.tied_op("BD,VD->BV", x, embed.embedding[...],
+            return self.tied_op(TIED_HEAD, x, embed.embedding[...],
                                 preferred_element_type=jnp.float32)
         return self.lm_head(x)
 

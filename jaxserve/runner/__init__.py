@@ -79,8 +79,12 @@ class ModelRunner:
         (more KV heads where they are replicated, see parallel.py)."""
         self.mesh = parallel.make_mesh(1) if mesh is None else mesh
         self.model, config = parallel.shard_model(model, self.mesh)
+        # The programs' weights: packed for the CPU matmul (llama.packed_weights) on one CPU
+        # device in bf16, else the model's own arrays.
+        self._pack = False
         if self.mesh.size == 1 and self.mesh.devices.flat[0].platform == "cpu":
             llama.use_cpu_matmul(self.model)  # decode's projections: kernels/cpu_matmul.py
+            self._pack = engine.cpu_packed_weights and self.model.dtype == jnp.bfloat16
         self.config, self.engine = config, engine
         self.num_pages, self.page_size = num_pages, engine.page_size
         self.kv_dtype = storage_dtype(self.model.dtype, self.mesh.devices.flat[0].platform)
@@ -193,9 +197,13 @@ class ModelRunner:
                                  f"the compiled programs take {want.dtype}{list(want.shape)}")
             if not isinstance(x, jax.Array) or x.sharding != want.sharding:
                 var.set_value(parallel.place(x, want.sharding))
+        view = llama.packed_weights if self._pack else (lambda module: module)
         embed_def, self._embed_leaves = Split.of(self.model.embed)
-        head_def, self._head_leaves = Split.of(self.model.head)
-        layers = [Split.of(layer) for layer in self.model.layers]
+        head_def, self._head_leaves = Split.of(view(self.model.head))
+        # the embedding as the head reads it (a tied head's packed table)
+        self._head_embed_leaves = Split.of(view(self.model.embed))[1] if self._pack \
+            and self.model.head.lm_head is None else self._embed_leaves
+        layers = [Split.of(view(layer)) for layer in self.model.layers]
         self._layer_leaves = [leaves for _, leaves in layers]
         splits = embed_def, layers[0][0], head_def
         if any(d != splits[1] for d, _ in layers) or self._splits not in (None, splits):
@@ -265,7 +273,7 @@ class ModelRunner:
     def logits(self, b: Bucket, hidden, logits_indices):
         """The head over the bucket's request rows: logits [sampler rows, V] float32, rows past
         the bucket's requests zero."""
-        args = (self._head_leaves, self._embed_leaves, hidden, logits_indices)
+        args = (self._head_leaves, self._head_embed_leaves, hidden, logits_indices)
         return self._program(("head", b.num_tokens, b.num_requests), self._head, *args,
                              rows=b.num_requests)(*args)  # sampler rows >= R (buckets.py)
 
@@ -467,7 +475,7 @@ class ModelRunner:
         return res, prompt_out
 
     def _prompt_logprobs_of(self, b: Bucket, hidden, targets):
-        targets, hl, el = self._inputs(targets), self._head_leaves, self._embed_leaves
+        targets, hl, el = self._inputs(targets), self._head_leaves, self._head_embed_leaves
         return self._program(("prompt_logprobs", b.num_tokens), self._prompt_logprobs,
                              hl, el, hidden, targets)(hl, el, hidden, targets)
 
