@@ -7,7 +7,7 @@
 (synchronous, the default model, B requests of 128 prompt tokens decoding, or with --prefill T
 8 prompts of 128 tokens prefilled T tokens a step) and adds up the XLA:CPU thunks of every
 program by what they are: each C++ kernel call is named from the compiled programs' HLO (its
-FFI target and weight shape: qkv, o, gate_up, down, head, attention), every other thunk by its
+FFI target and weight shape: qkv, o, gate_up (with SiLU x up where the weights are packed), down, head, attention), every other thunk by its
 fusion kind. "ms/step" is a thunk's time on the thread that ran it, so parts that run at once on
 the two threads add up to more than the step; helpers a kernel wakes on the pool are not
 counted apart (a kernel's time is the caller's wait for all of it).
@@ -45,6 +45,8 @@ def kernel_labels(runner) -> dict[str, str]:
                 labels[name].add("attention")
             elif target == "jaxserve_matmul_rows":
                 labels[name].add("head")
+            elif target == "jaxserve_matmul_packed_swiglu":  # SiLU(gate) * up included
+                labels[name].add("gate_up")
             elif target == "jaxserve_matmul_packed":  # w [N / 16, K / 2, 16]
                 s, p, _ = map(int, re.findall(r"\[(\d+),(\d+),(\d+)\]", operands)[-1])
                 w = (2 * p, 16 * s)

@@ -46,6 +46,9 @@ def _engine_args(p: argparse.ArgumentParser):
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="run each step's schedule, device work and postprocess in order instead "
                         "of dispatching the next step before the last one's results are back")
+    g.add_argument("--no-cpu-packed-weights", dest="cpu_packed_weights", action="store_false",
+                   help="bf16 on a CPU with AVX512_BF16: keep one copy of the weights instead of "
+                        "a second one packed for the matmul kernel (slower projections)")
     g.add_argument("--prefill-policy", default="chunked", choices=["chunked", "layered"],
                    help="layered: a prefill advances one group of layers per step while decodes "
                         "run every layer (arXiv 2510.08055)")
@@ -127,7 +130,8 @@ def _llm(a):
                process_id=a.process_id, sparse_attention=_sparse_config(a),
                scheduling_policy=a.scheduling_policy, preemption_mode=a.preemption_mode,
                swap_space=a.swap_space, host_prefix_cache=a.host_prefix_cache,
-               prefill_policy=a.prefill_policy, async_scheduling=a.async_scheduling)
+               prefill_policy=a.prefill_policy, async_scheduling=a.async_scheduling,
+               cpu_packed_weights=a.cpu_packed_weights)
 
 
 def cmd_generate(a) -> int:

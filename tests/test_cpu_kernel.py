@@ -324,6 +324,29 @@ def test_packed_matmul_rows_do_not_depend_on_the_batch():
         np.testing.assert_array_equal(np.asarray(mm(x[:m]))[0], alone, err_msg=f"M={m}")
 
 
+@pytest.mark.parametrize("m", [1, 3, 6, 7, 13, 256])
+def test_packed_swiglu_rounds_as_the_model_does(m):
+    """silu(gate) * up in the packed gate_up matmul's epilogue (cpu_matmul.swiglu) against the
+    model's jnp path over the same matmul (llama.MLP: gate_up rounded to bf16, SiLU in float32
+    rounded once, the product rounded): equal but for e^x's last bits (within one bf16 step,
+    almost all equal); row tails of the 6-row tile and a strip tail (13 strips of gate); each
+    row the same bits alone."""
+    if not cpu_library.has_bf16_dot():
+        pytest.skip("needs AVX512_BF16 (asserted unpackable in test_packed_matmul_matches_numpy)")
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, 576)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((576, 2, 208)) / 12, jnp.bfloat16)
+    wp = cpu_matmul.pack("TD,DCF->TCF", w)
+    got = np.asarray(jax.jit(cpu_matmul.swiglu)(x, wp), np.float32)
+    gate_up = cpu_matmul.einsum("TD,DCF->TCF", x, wp).astype(jnp.bfloat16)
+    gate = gate_up[:, 0].astype(jnp.float32)
+    want = np.asarray((gate * jax.nn.sigmoid(gate)).astype(jnp.bfloat16) * gate_up[:, 1], np.float32)
+    assert got.shape == (m, 208)
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-30)
+    assert (got == want).mean() > 0.99
+    np.testing.assert_array_equal(np.asarray(cpu_matmul.swiglu(x[-1:], wp), np.float32)[0], got[-1])
+
+
 def test_what_packing_declines():
     """float32, an odd last contracted axis, or output columns not a multiple of 16."""
     arr = lambda *s: jnp.zeros(s, jnp.bfloat16)

@@ -31,7 +31,8 @@ SOURCES = (HERE / "cpu_paged_attention.cc", HERE / "cpu_matmul.cc")
 HEADERS = (HERE / "cpu_simd.h",)
 # FFI target name -> the handler symbol the library exports
 TARGETS = {"jaxserve_paged_attention": "JaxservePagedAttention", "jaxserve_matmul": "JaxserveMatmul",
-           "jaxserve_matmul_rows": "JaxserveMatmulRows", "jaxserve_matmul_packed": "JaxserveMatmulPacked"}
+           "jaxserve_matmul_rows": "JaxserveMatmulRows", "jaxserve_matmul_packed": "JaxserveMatmulPacked",
+           "jaxserve_matmul_packed_swiglu": "JaxserveMatmulPackedSwiglu"}
 # -ffp-contract=fast: a * b + c as one FMA everywhere (cpu_matmul.cc's two regimes give the same
 # bits only if both contract alike)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd",

@@ -41,6 +41,7 @@ from jaxserve.kernels import cpu_library
 TARGET = "jaxserve_matmul"
 TARGET_ROWS = "jaxserve_matmul_rows"
 TARGET_PACKED = "jaxserve_matmul_packed"
+TARGET_SWIGLU = "jaxserve_matmul_packed_swiglu"
 LANES = 16  # N must be a multiple of the widest vector (AVX-512's 16 floats; AVX2 needs 8)
 
 # Rows up to which the kernel runs (None: any), where it beats XLA's dot (`benchmarks/matmuls.py`,
@@ -152,6 +153,16 @@ def matmul_packed(x, wp):
     """x [M, K] bfloat16 . wp (`pack`ed, [N / 16, K / 2, 16]) -> [M, N] float32."""
     return jax.ffi.ffi_call(TARGET_PACKED, jax.ShapeDtypeStruct(
         (x.shape[0], wp.shape[0] * 16), jnp.float32))(x, wp)
+
+
+def swiglu(x, wp):
+    """silu(gate) * up in bfloat16 [M, F], gate and up the two halves of x [M, K] bfloat16 .
+    wp, wp a `pack`ed [K, 2, F] ("TD,DCF->TCF"): the MLP's first half in one call, rounding
+    where llama.MLP's jnp path rounds (cpu_matmul.cc TileSwiglu)."""
+    k = x.shape[-1]
+    w = wp.reshape(-1, k // 2, 16)
+    return jax.ffi.ffi_call(TARGET_SWIGLU, jax.ShapeDtypeStruct(
+        (x.shape[0], w.shape[0] * 8), jnp.bfloat16))(x, w)
 
 
 def _einsum_packed(spec: str, x, wp):

@@ -45,7 +45,9 @@ the embedding lookup goes through the table's bits (kernels/storage.py).
 
 On one CPU device the runner points its model's projections at `project_cpu` (use_cpu_matmul):
 decode's few-row projections then run jaxserve's C++ matmul (kernels/cpu_matmul.py), where
-XLA:CPU's dot ran them 1.1-13x slower.
+XLA:CPU's dot ran them 1.1-13x slower. In bf16 its programs take `packed_weights` copies:
+uint32 kernels (cpu_matmul.pack) that `project_cpu` sends to the packed matmul, and with which
+MLP computes SiLU(gate) * up in the matmul's epilogue (cpu_matmul.swiglu).
 """
 
 from __future__ import annotations
@@ -239,6 +241,11 @@ class MLP(nnx.Module):
         self.down = _einsum("TF,FD->TD", (f, d), ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
+        w = self.gate_up.kernel[...]
+        if w.dtype == jnp.uint32 and w.shape[-1] % 16 == 0:
+            # packed for the CPU matmul (packed_weights): SiLU(gate) * up in its epilogue,
+            # rounded as below; no float32 [T, 2F] through memory
+            return self.down(cpu_matmul.swiglu(x, w)).astype(x.dtype)
         gate_up = self.gate_up(x).astype(x.dtype)  # [T, 2, F]
         # SiLU in float32, rounded to the model's dtype once, as torch computes it for bf16.
         # jax.nn.silu on bf16 rounds after each of its five ops: 16.2 ms of a 256-token bf16
