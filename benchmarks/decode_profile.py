@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve import kernels
+from jaxserve.kernels import cpu_matmul
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models import llama
 from jaxserve.runner import ModelRunner
@@ -95,6 +96,8 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
 
     # The projections and the attention of one layer, as programs of their own.
     layer = r.model.layers[0]
+    if r._pack:  # the weights as the runner's programs take them (llama.packed_weights)
+        layer = llama.packed_weights(layer)
     x = jnp.zeros((b.num_tokens, c.hidden_size), r.model.dtype)
     q = jnp.zeros((b.num_tokens, c.num_heads, c.head_dim), r.model.dtype)
     kn = jnp.zeros((b.num_tokens, c.num_kv_heads, c.head_dim), r.model.dtype)
@@ -107,8 +110,10 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
     @jax.jit
     def matmuls(x, q, f, wqkv, wo, wgu, wd):
         kw = dict(preferred_element_type=jnp.float32)
+        gate_up = (cpu_matmul.swiglu(x, wgu) if wgu.dtype == jnp.uint32  # as llama.MLP
+                   else op("TD,DCF->TCF", x, wgu, **kw))
         return (op("TD,DKCE->TKCE", x, wqkv, **kw), op("THE,HED->TD", q, wo, **kw),
-                op("TD,DCF->TCF", x, wgu, **kw), op("TF,FD->TD", f, wd, **kw))
+                gate_up, op("TF,FD->TD", f, wd, **kw))
 
     attention = jax.jit(lambda q, kc, vc, kn, md: kernels.ragged_paged_attention(
         q, kc, vc, kn, kn, md, sm_scale=c.head_dim ** -0.5))
@@ -125,16 +130,17 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
 
     t_host = _host_time(r, batch, context, repeats) if not prompt else 0.0
 
-    weights = {name: sum(x.size for x in jax.tree_util.tree_leaves(v)) * itemsize for name, v in (
+    # bytes (a packed weight, uint32 pairs of bf16, has the bf16 weight's bytes)
+    weights = {name: sum(x.nbytes for x in jax.tree_util.tree_leaves(v)) for name, v in (
         ("matmuls", w), ("embed", ()), ("head", el))}
     attended = kv_len if not prompt else prompt * (prompt + 1) // 2  # (query, key) pairs
     kv_read = batch * kv_len * 2 * c.num_kv_heads * c.head_dim * itemsize * c.num_layers
     rows = [  # part, seconds, bytes, flops
         ("embed", timed(lambda: r._embed(el, ids), repeats), batch * c.hidden_size * itemsize, 0),
         ("layers", t_layers, weights["matmuls"] * c.num_layers + kv_read,
-         2 * tokens * sum(x.size for x in w) * c.num_layers),
+         2 * tokens * weights["matmuls"] // itemsize * c.num_layers),
         ("  matmuls alone", t_mm, weights["matmuls"] * c.num_layers,
-         2 * tokens * sum(x.size for x in w) * c.num_layers),
+         2 * tokens * weights["matmuls"] // itemsize * c.num_layers),
         ("  attention alone", t_attn, kv_read,  # causal: a prompt's scores are a triangle
          4 * batch * attended * c.num_heads * c.head_dim * c.num_layers),
         ("head", timed(lambda: head(hl, el, hidden, li), repeats), weights["head"],
