@@ -212,6 +212,7 @@ class EngineConfig:
     # weights (and a tied head's table) packed for jaxserve's matmul kernel (kernels/
     # cpu_matmul.py `pack`), which holds the weights twice in memory. False: one copy, and the
     # kernel interleaves them on every call (1.3-1.8x slower projections; benchmarks/matmuls.py).
+    # Skipped, with a warning, where two copies would take more than half the machine's memory.
     cpu_packed_weights: bool = True
     seed: int = 0  # seeds the draws of unseeded requests
     # Sharding (parallel.py). A user's jax.sharding.Mesh may be passed to Engine / LLM as `mesh=`.

@@ -396,6 +396,23 @@ def test_runner_packs_bf16_weights_for_its_programs(make_tiny_engine, tiny_model
     assert any(x.shape == want.shape and bool((x == want).all()) for x in runner._layer_leaves[1])
 
 
+def test_runner_keeps_one_copy_where_two_would_not_fit(make_tiny_engine, tiny_model,
+                                                        monkeypatch, caplog):
+    """On a machine whose memory two copies of the weights would fill past half, the runner
+    runs the live model's own weights (unpacked) and says why."""
+    import os
+
+    from jaxserve.models.llama import init_model
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 16}  # 64 KB of memory
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    model = init_model(tiny_model.config, jax.random.PRNGKey(1), jnp.bfloat16, scale=0.5)
+    with caplog.at_level("WARNING", logger="jaxserve"):
+        engine = make_tiny_engine(model)
+    assert all(x.dtype != jnp.uint32 for x in engine.runner._layer_leaves[0])
+    assert ("not packing the weights" in caplog.text) == cpu_library.has_bf16_dot()
+
+
 def test_runner_uses_the_matmul_on_one_cpu_device_only(tiny_model):
     """The runner routes its own copy's projections through the kernel on a one-device CPU
     mesh, never under a larger mesh (the partitioner would gather whole weights for it); the

@@ -45,6 +45,8 @@ process 0 broadcasts the `StepInputs` and every process runs the same step (mult
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import time
 
 import jax
@@ -56,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxserve import parallel
 from jaxserve.config import EngineConfig
 from jaxserve.errors import ConfigError
+from jaxserve.kernels import cpu_library
 from jaxserve.kernels.sparse import init_summaries
 from jaxserve.kernels.storage import storage_dtype
 from jaxserve.models import llama
@@ -68,6 +71,22 @@ from jaxserve.runner.swap import KVSwapper
 from jaxserve.sampler import SamplerOutput, token_logprobs
 from jaxserve.sampling import SamplingParams, SamplingTensors
 from jaxserve.sched import PENDING_TOKEN, SchedulerOutput
+
+
+def _second_copy_fits(model: nnx.Module) -> bool:
+    """Whether a packed copy of the model's weights leaves half the machine's memory free (a
+    large model on a small host keeps one copy, slower, rather than run out of memory)."""
+    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(nnx.state(model)))
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return True
+    if 2 * weights <= total // 2:
+        return True
+    logging.getLogger("jaxserve").warning(
+        "not packing the weights for the CPU matmul: two copies of %.1f GB would take more than "
+        "half of this machine's %.1f GB (cpu_packed_weights)", weights / 1e9, total / 1e9)
+    return False
 
 
 class ModelRunner:
@@ -84,7 +103,8 @@ class ModelRunner:
         self._pack = False
         if self.mesh.size == 1 and self.mesh.devices.flat[0].platform == "cpu":
             llama.use_cpu_matmul(self.model)  # decode's projections: kernels/cpu_matmul.py
-            self._pack = engine.cpu_packed_weights and self.model.dtype == jnp.bfloat16
+            self._pack = engine.cpu_packed_weights and self.model.dtype == jnp.bfloat16 \
+                and cpu_library.has_bf16_dot() and _second_copy_fits(self.model)
         self.config, self.engine = config, engine
         self.num_pages, self.page_size = num_pages, engine.page_size
         self.kv_dtype = storage_dtype(self.model.dtype, self.mesh.devices.flat[0].platform)
