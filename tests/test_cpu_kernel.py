@@ -356,14 +356,23 @@ def test_what_packing_declines():
     assert not cpu_matmul.packable("TD,DF->FT", arr(64, 64))  # not a projection form
 
 
-def test_runner_packs_bf16_weights_for_its_programs(make_tiny_engine, tiny_model):
+@pytest.mark.parametrize("variant", [{}, {"qkv_bias": True, "o_bias": True},
+                                     {"tie_word_embeddings": False}])
+def test_runner_packs_bf16_weights_for_its_programs(make_tiny_engine, tiny_model, variant):
     """On one CPU device in bf16 the programs take packed copies of the projections and of the
-    tied head's table; the live model keeps the checkpoint layout; log-probs equal the unpacked
-    runner's to bf16 rounding, and an edited weight is packed again by sync_weights."""
+    tied head's table (or the untied head's); the live model keeps the checkpoint layout;
+    log-probs equal the unpacked runner's to bf16 rounding (with biases, Qwen2's, added after
+    the packed matmul as after any), and an edited weight is packed again by sync_weights."""
+    import dataclasses
+
     from jaxserve.models.llama import init_model
     from jaxserve.sampling import SamplingParams
 
-    model = init_model(tiny_model.config, jax.random.PRNGKey(1), jnp.bfloat16, scale=0.5)
+    config = dataclasses.replace(tiny_model.config, **variant)
+    model = init_model(config, jax.random.PRNGKey(1), jnp.bfloat16, scale=0.5)
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        if path[-1] == "bias":  # zeros from init: make them count
+            var.set_value(jax.random.normal(jax.random.PRNGKey(len(path)), var.shape, var.dtype))
     runs, engines = [], []
     for packed in (True, False):
         engine = make_tiny_engine(model, cpu_packed_weights=packed)
@@ -385,7 +394,9 @@ def test_runner_packs_bf16_weights_for_its_programs(make_tiny_engine, tiny_model
         assert jnp.uint32 not in dtypes(runner._layer_leaves[0])
         return
     assert dtypes(runner._layer_leaves[0]).count(jnp.uint32) == 4  # qkv, o, gate_up, down
-    assert dtypes(runner._head_embed_leaves) == [jnp.uint32]
+    tied = config.tie_word_embeddings
+    assert dtypes(runner._head_embed_leaves) == [jnp.uint32 if tied else jnp.bfloat16]
+    assert (jnp.uint32 in dtypes(runner._head_leaves)) != tied  # an untied head's own weight
     assert dtypes(runner._embed_leaves) == [jnp.bfloat16]
     assert all(x.dtype != jnp.uint32 for x in jax.tree.leaves(nnx.state(runner.model)))
     assert jnp.uint32 not in dtypes(engines[1].runner._layer_leaves[0])
