@@ -27,8 +27,8 @@
 // when the pool has no free thread. Each item walks its request's pages in order, prefetching
 // pages ahead (the pages lie anywhere in the pool, which the hardware prefetcher cannot
 // guess), and per page, KV head and token computes its G heads' scores, one rescale, then the
-// weighted values, in vectors of 8 floats (GCC vector extensions: AVX2 or AVX-512 under
-// -march=native). A token's arithmetic is the same whatever the rest of its step holds (see
+// weighted values, in vectors of 8 floats, or 16 where AVX-512 has them (GCC vector
+// extensions: AVX2 or AVX-512 under -march=native). A token's arithmetic is the same whatever the rest of its step holds (see
 // Attend), so the synchronous and overlapped engines, and any chunking of a prompt, agree to
 // the bit.
 
@@ -162,7 +162,9 @@ void Prefetch(const Problem& p, const T* cache, int64_t page, int64_t k0, int64_
 }
 
 // Scores of GB query heads (GB fixed: the accumulators stay in registers) against the key
-// rows, left as 8-lane partial sums: dots[g][j] (reduced 8 rows at a time by Sums8).
+// rows, left as 8-lane partial sums: dots[g][j] (reduced 8 rows at a time by Sums8). Under
+// AVX-512 (head dims a multiple of 16) the products run 16 floats a step and fold to 8 lanes
+// at the end of a row: 10-25% off the kernel (2026-12-03, docs/kernels.md).
 // ahead_k, ahead_v: the same head's rows of a page read later, prefetched a row per row read
 // (or null): a steady trickle the load unit absorbs, where a page's worth at once stalled it.
 template <int GB, int NV, typename T>
@@ -178,6 +180,20 @@ inline void DotRows(const T* key, int64_t stride, int64_t count, const float* q,
         __builtin_prefetch(av + b, 0, 3);
       }
     }
+#if defined(__AVX512F__)
+    if (nv % 2 == 0) {  // 16 floats a step (lane l sums dims l + 16 i), folded to 8 lanes
+      jaxserve::VW wide[GB] = {};
+      for (int64_t i = 0; i < nv; i += 2) {
+        const jaxserve::VW kv = jaxserve::LoadW(key + i * kLanes);
+        for (int g = 0; g < GB; ++g) wide[g] += jaxserve::LoadW(q + (g * nv + i) * kLanes) * kv;
+      }
+      for (int g = 0; g < GB; ++g) {
+        dots[g][j] = __builtin_shufflevector(wide[g], wide[g], 0, 1, 2, 3, 4, 5, 6, 7) +
+                     __builtin_shufflevector(wide[g], wide[g], 8, 9, 10, 11, 12, 13, 14, 15);
+      }
+      continue;
+    }
+#endif
     V8 dot[GB] = {};
     for (int64_t i = 0; i < nv; ++i) {
       const V8 kv = Load8(key + i * kLanes);
@@ -209,10 +225,43 @@ inline void WeightRows(const T* value, int64_t stride, int64_t count, float (*w)
   }
 }
 
+#if defined(__AVX512F__)
+// WeightRows over W vectors of 16 floats: each element's sum is the same sequence of FMAs as
+// with 8, so the same bits.
+template <int GB, int W, typename T>
+inline void WeightRowsWide(const T* value, int64_t stride, int64_t count, float (*w)[kMaxPage],
+                           Head* state, int64_t offset) {
+  using jaxserve::VW;
+  VW a[GB][W];
+  for (int g = 0; g < GB; ++g) {
+    for (int i = 0; i < W; ++i) a[g][i] = jaxserve::LoadW(state[g].acc + offset + i * 16);
+  }
+  for (int64_t j = 0; j < count; ++j, value += stride) {
+    VW v[W];
+    for (int i = 0; i < W; ++i) v[i] = jaxserve::LoadW(value + i * 16);
+    for (int g = 0; g < GB; ++g) {
+      const VW wj = jaxserve::SplatW(w[g][j]);
+      for (int i = 0; i < W; ++i) a[g][i] += wj * v[i];
+    }
+  }
+  for (int g = 0; g < GB; ++g) {
+    for (int i = 0; i < W; ++i) jaxserve::StoreW(state[g].acc + offset + i * 16, a[g][i]);
+  }
+}
+#endif
+
 template <int GB, typename T>
 inline void WeightAll(const T* value, int64_t stride, int64_t count, float (*w)[kMaxPage],
                       Head* state, int64_t nv) {
   int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 8 <= nv; i += 8) {
+    WeightRowsWide<GB, 4>(value + i * kLanes, stride, count, w, state, i * kLanes);
+  }
+  for (; i + 2 <= nv; i += 2) {
+    WeightRowsWide<GB, 1>(value + i * kLanes, stride, count, w, state, i * kLanes);
+  }
+#endif
   for (; i + 4 <= nv; i += 4) WeightRows<GB, 4>(value + i * kLanes, stride, count, w, state, i * kLanes);
   for (; i < nv; ++i) WeightRows<GB, 1>(value + i * kLanes, stride, count, w, state, i * kLanes);
 }
