@@ -28,9 +28,9 @@
 // pages ahead (the pages lie anywhere in the pool, which the hardware prefetcher cannot
 // guess), and per page, KV head and token computes its G heads' scores, one rescale, then the
 // weighted values, in vectors of 8 floats, or 16 where AVX-512 has them (GCC vector
-// extensions: AVX2 or AVX-512 under -march=native). A token's arithmetic is the same whatever the rest of its step holds (see
-// Attend), so the synchronous and overlapped engines, and any chunking of a prompt, agree to
-// the bit.
+// extensions: AVX2 or AVX-512 under -march=native). A token's arithmetic is the same whatever
+// the rest of its step holds (see Attend), so the synchronous and overlapped engines, and any
+// chunking of a prompt, agree to the bit.
 
 #include <algorithm>
 #include <cmath>
