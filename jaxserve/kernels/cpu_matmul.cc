@@ -614,37 +614,6 @@ void MatmulPacked(ffi::ThreadPool& pool, const uint32_t* xp, int64_t M, int64_t 
 // saves that path's float32 [M, 2F] round trip through memory and its fusions (8.3 ms of a
 // 256-token bf16 prefill step). Tiles: MR rows x NG strips of gate and the NG matching ones of
 // up; each output's chains are those of TilePacked, so rows stay batch-invariant.
-inline V Exp(V x) {  // e^x, Cephes' expf (as cpu_paged_attention.cc's Exp8), 16 lanes
-  x = x < -87.0f ? Splat(-87.0f) : x;
-  x = x > 88.0f ? Splat(88.0f) : x;
-  V fx = x * 1.44269504088896341f + 0.5f;
-  using I = int32_t __attribute__((vector_size(kLanes * 4)));
-  V n = __builtin_convertvector(__builtin_convertvector(fx, I), V);
-  n = n > fx ? n - 1.0f : n;
-  x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  const V z = x * x;
-  V y = Splat(1.9875691500e-4f);
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
-  I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-
-inline V RoundBf16(V x) {  // to the nearest bfloat16 (ties to even), as a float
-  using U = uint32_t __attribute__((vector_size(kLanes * 4)));
-  U bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-}
-
 template <int MR, int NG>
 void TileSwiglu(const uint32_t* xp, int64_t P, const uint32_t* gate, const uint32_t* up,
                 uint16_t* out, int64_t F) {
@@ -667,9 +636,9 @@ void TileSwiglu(const uint32_t* xp, int64_t P, const uint32_t* gate, const uint3
   }
   for (int r = 0; r < MR; ++r) {
     for (int j = 0; j < NG; ++j) {
-      const V gate_r = RoundBf16(g[r][j]);
-      const V act = RoundBf16(gate_r / (1.0f + Exp(-gate_r)));
-      const V y = RoundBf16(act * RoundBf16(u[r][j]));
+      const V gate_r = jaxserve::RoundToBf16(g[r][j]);
+      const V act = jaxserve::RoundToBf16(gate_r / (1.0f + jaxserve::Exp(-gate_r)));
+      const V y = jaxserve::RoundToBf16(act * jaxserve::RoundToBf16(u[r][j]));
       using U = uint32_t __attribute__((vector_size(kLanes * 4)));
       U bits;
       std::memcpy(&bits, &y, sizeof bits);

@@ -45,13 +45,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using jaxserve::I8;
 using jaxserve::kLanes;
 using jaxserve::Load8;
+using jaxserve::RoundToBf16;
 using jaxserve::Splat;
 using jaxserve::Store8;
 using jaxserve::V8;
-using jaxserve::W8;
 constexpr int64_t kMaxPage = 64;  // page sizes up to this (scratch sizes)
 constexpr int64_t kMaxDim = 256;  // head dims up to this, a multiple of kLanes
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head up to this
@@ -64,15 +63,7 @@ constexpr int64_t kMaxGroup = 16;  // query heads per KV head up to this
 template <typename T>
 constexpr int64_t kAhead = 8 / sizeof(T);
 
-inline V8 RoundToBf16(V8 x) {  // to the nearest bfloat16, ties to even (finite x)
-  W8 bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-}
 inline V8 Max(V8 a, V8 b) { return a > b ? a : b; }
-inline V8 Min(V8 a, V8 b) { return a < b ? a : b; }
 // Within each 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3] (x86's hadd).
 inline V8 PairSums(V8 a, V8 b) {
   return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
@@ -97,29 +88,6 @@ inline float Max8(V8 v) {
   v = Max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
   v = Max(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
   return v[0];
-}
-
-// e^x of 8 floats, Cephes' expf: x = n ln2 + r, e^r by a degree-6 polynomial, 2^n through the
-// exponent bits; relative error ~1e-7 (x is clamped to [-87, 88]: scores minus their max are
-// <= 0, and e^-87 is 0 for every sum here).
-inline V8 Exp8(V8 x) {
-  x = Min(Max(x, Splat(-87.0f)), Splat(88.0f));
-  V8 fx = x * 1.44269504088896341f + 0.5f;
-  V8 n = __builtin_convertvector(__builtin_convertvector(fx, I8), V8);
-  n = n > fx ? n - 1.0f : n;  // floor (the conversion truncates toward zero)
-  x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  const V8 z = x * x;
-  V8 y = Splat(1.9875691500e-4f);
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
-  I8 bits = (__builtin_convertvector(n, I8) + 127) << 23;
-  V8 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
 }
 
 struct Problem {
@@ -323,14 +291,14 @@ void Page(const Problem& p, const T* key, const T* value, int64_t stride, int64_
     const float m = Max8(mx);
     V8 sum{};
     for (int64_t j = 0; j < padded; j += kLanes) {
-      const V8 w = Exp8(Load8(&s[g][j]) - m);
+      const V8 w = jaxserve::Exp(Load8(&s[g][j]) - m);
       // A bf16 cache weighs its values by probabilities rounded to bf16, as the jnp path and
       // the Pallas kernels do (p cast to V's dtype for the PV product); the sum keeps float32.
       Store8(&s[g][j], std::is_same_v<T, uint16_t> ? RoundToBf16(w) : w);
       sum += w;
     }
     if (m > state[g].m) {
-      const float correction = Exp8(Splat(state[g].m - m))[0];
+      const float correction = jaxserve::Exp(Splat(state[g].m - m))[0];
       state[g].l *= correction;
       const V8 c = Splat(correction);
       for (int64_t i = 0; i < nv; ++i) Store8(state[g].acc + i * kLanes, Load8(state[g].acc + i * kLanes) * c);

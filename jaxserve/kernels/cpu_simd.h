@@ -99,6 +99,68 @@ inline VW LoadW(const uint16_t* p) {
 }
 inline void StoreW(float* p, VW v) { std::memcpy(p, &v, sizeof v); }
 
+// Every lane x, for a vector of 8 floats or of the widest width (the same type without AVX-512).
+template <typename V>
+inline V SplatAs(float x) {
+  if constexpr (sizeof(V) == sizeof(V8)) {
+    return Splat(x);
+  } else {
+    return SplatW(x);
+  }
+}
+
+// The integer vectors as wide as a float vector of `Bytes` (GCC takes no dependent vector_size).
+template <size_t Bytes>
+struct IntLanes;
+template <>
+struct IntLanes<32> {
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef uint32_t U __attribute__((vector_size(32)));
+};
+template <>
+struct IntLanes<64> {
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef uint32_t U __attribute__((vector_size(64)));
+};
+
+// To the nearest bfloat16, ties to even (finite x), as a float: XLA's convert, lane by lane.
+template <typename V>
+inline V RoundToBf16(V x) {
+  using U = typename IntLanes<sizeof(V)>::U;
+  U bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// e^x lane by lane, Cephes' expf: x = n ln2 + r, e^r by a degree-6 polynomial, 2^n through the
+// exponent bits; relative error ~1e-7 (x is clamped to [-87, 88]: the attention kernel's
+// scores minus their max are <= 0, and e^-87 is 0 for every sum there).
+template <typename V>
+inline V Exp(V x) {
+  using I = typename IntLanes<sizeof(V)>::I;
+  const V lo = SplatAs<V>(-87.0f), hi = SplatAs<V>(88.0f);
+  x = x > lo ? x : lo;
+  x = x < hi ? x : hi;
+  V fx = x * 1.44269504088896341f + 0.5f;
+  V n = __builtin_convertvector(__builtin_convertvector(fx, I), V);
+  n = n > fx ? n - 1.0f : n;  // floor (the conversion truncates toward zero)
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const V z = x * x;
+  V y = SplatAs<V>(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
 // Keeps v in a register: GCC otherwise folds a vector reused by several FMAs back into each as
 // a memory operand (a load per FMA), which halved a 4 x 24 matmul tile's rate. ("v": any of
 // AVX-512's 32 vector registers; "x" would allow only the first 16.)
