@@ -121,22 +121,25 @@ def test_bfloat16_programs_convert_no_cache_or_weight(make_tiny_engine, tiny_mod
 
 
 def test_head_computes_only_the_request_rows(runner):
-    """A decode step of one request runs the head on its row alone (XLA:CPU's 8-row dot of the
-    tied head cost 3x a 1-row one), the logits padded to the sampler's rows with zeros."""
+    """The head runs on a step's request rows alone (XLA:CPU's 8-row dot of the tied head cost
+    3x a 1-row one), the logits padded to the sampler's rows with zeros; a batch-1 decode step
+    pads nothing (its sampler takes one row)."""
     from jaxserve.runner.buckets import Bucket
 
-    b = Bucket(1, 1, 1)
+    assert runner.buckets.sampler_rows(1) == 1
+    b = Bucket(2, 2, 1)
     rng = np.random.default_rng(0)
-    hidden = jax.numpy.asarray(rng.standard_normal((1, runner.config.hidden_size)), jax.numpy.float32)
-    li = np.zeros(runner.buckets.sampler_rows(1), np.int32)
+    hidden = jax.numpy.asarray(rng.standard_normal((2, runner.config.hidden_size)), jax.numpy.float32)
+    li = np.zeros(runner.buckets.sampler_rows(2), np.int32)
+    li[1] = 1
     assert len(li) == 8
     logits = np.asarray(runner.logits(b, hidden, li))
     assert logits.shape == (8, runner.config.vocab_size)
-    assert np.all(logits[1:] == 0)
+    assert np.all(logits[2:] == 0)
     model = runner.model
-    want = model.head(hidden, np.zeros(1, np.int32), model.embed)
-    np.testing.assert_allclose(logits[:1], np.asarray(want), rtol=1e-5, atol=1e-5)
-    # (before, the 7 padding rows were the logits of token 0: computed, not zero)
+    want = model.head(hidden, np.arange(2, dtype=np.int32), model.embed)
+    np.testing.assert_allclose(logits[:2], np.asarray(want), rtol=1e-5, atol=1e-5)
+    # (before, the padding rows were the logits of token 0: computed, not zero)
 
 
 def test_bfloat16_results_do_not_depend_on_the_layer_grouping(make_tiny_engine, tiny_model):

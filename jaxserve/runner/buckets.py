@@ -43,19 +43,22 @@ class Buckets:
                                     engine.max_num_batched_tokens)
 
     def sampler_rows(self, num_requests: int) -> int:
-        """Rows of the logits and the sampler: powers of 8 up to max_num_seqs, so that three
-        sampler variants per row count, compiled in warmup, serve every bucket. The head itself
-        computes only the bucket's request rows and pads with zero rows (runner: 8 rows of the
-        tied head took 15.4 ms against 5.3 for 1 on this CPU, so a batch-1 step paid 10 ms)."""
+        """Rows of the logits and the sampler: 1, then powers of 8 up to max_num_seqs, so that
+        three sampler variants per row count, compiled in warmup, serve every bucket. The head
+        itself computes only the bucket's request rows and pads with zero rows (runner: 8 rows
+        of the tied head took 15.4 ms against 5.3 for 1 on this CPU, so a batch-1 step paid
+        10 ms). A batch-1 decode step pads nothing: its head and sampler run on one row
+        (bf16 b1 decode steps 8.89 against 9.17 ms with 8 rows, medians of 8 alternating
+        rounds of 60 steps, Zen 5, 2026-12-03), for three more sampler programs in warmup."""
         return next(r for r in self.sampler if r >= num_requests)
 
     @property
     def sampler(self) -> list[int]:
-        rows, r = [], 8
+        rows, r = [1], 8
         while r < self.max_num_seqs:
             rows.append(r)
             r *= 8
-        return rows + [self.max_num_seqs]
+        return rows + [self.max_num_seqs] if self.max_num_seqs > 1 else rows
 
     def prefill(self, t: int) -> Bucket:
         # Up to T/4 requests (all of them in the largest bucket): every padding request costs a
