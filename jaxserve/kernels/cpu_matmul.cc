@@ -119,7 +119,7 @@ void Stream(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, int64_t weig
   jaxserve::ParallelFor(pool, stretches, stretches, [&](int64_t i) {
     const int64_t c0 = chunks * i / stretches, c1 = chunks * (i + 1) / stretches;
     chunks_fn(c0, c1, parts.data() + c0 * M * N);
-  });
+  }, /*warm=*/true);
   for (int64_t i = 0; i < M * N; i += kLanes) {
     V sum = Load(parts.data() + i);
     for (int64_t c = 1; c < chunks; ++c) sum += Load(parts.data() + c * M * N + i);
@@ -605,7 +605,7 @@ void MatmulPacked(ffi::ThreadPool& pool, const uint32_t* xp, int64_t M, int64_t 
         TilePackedFor(mr, nv)(xp + m0 * P, P, w + s * P * 16, y + m0 * N + s * 16, N);
       }
     }
-  });
+  }, M <= kStreamRows);
 }
 // SwiGLU in the epilogue of the packed gate_up matmul: out [M, F] bf16 = silu(gate) * up, with
 // gate, up = x . w's first and second F columns (w packed from [K, 2, F]: gate's strips, then
@@ -682,7 +682,7 @@ void MatmulPackedSwiglu(ffi::ThreadPool& pool, const uint32_t* xp, int64_t M, in
       case 1: SwigluStrips<1>(x, P, w, o, F, s0, s1); break;
       default: break;
     }
-  });
+  }, M <= kStreamRows);
 }
 #endif  // __AVX512BF16__
 
