@@ -41,7 +41,8 @@ def main():
     if job["mode"] == "offline":
         n = job["new_tokens"]
         for b in job["batches"]:
-            t = best_time(llm, prompts[:b], greedy(n), job["repeats"])
+            t = best_time(llm, prompts[:b], greedy(n), max(job["repeats"], job.get("batch1_repeats", 1))
+                           if b == 1 else job["repeats"])
             rows.append(dict(engine="vllm", dtype=job["dtype"], batch=b, prefill=None, decode=None,
                              e2e=b * n / t, warmup=init))
     elif job["mode"] == "decode_steps":
