@@ -9,11 +9,11 @@ For each batch size B (B requests, one token each, `--context` cached tokens eac
 timed as the runner runs them, each its own compiled program on the same inputs:
   embed              the embedding lookup
   layers             every layer group's program (what the step runs)
-    matmuls alone    the four projections of every layer (qkv, o, gate_up, down) at T = B, as a
-                     program of their own per layer: an estimate of the matmuls' share (XLA
-                     fuses and schedules them differently inside the group, so the two
-                     "alone" rows may add up to more than the group)
-    attention alone  ragged paged attention over the cache, every layer, likewise
+    matmuls alone    the four projections of every layer (qkv, o, gate_up, down) at T = B, each
+                     layer's own weights, in one program of their own: an estimate of the
+                     matmuls' share (XLA fuses and schedules them differently inside the
+                     group, so the two "alone" rows may add up to more than the group)
+    attention alone  ragged paged attention over every layer's cache, one program, likewise
   head               final norm and the logits (tied: the embedding table)
   cache write        write_kv of the step's K/V, cache donated
   sampler            greedy sampling of B rows
@@ -95,30 +95,36 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
 
 
     # The projections and the attention of one layer, as programs of their own.
-    layer = r.model.layers[0]
-    if r._pack:  # the weights as the runner's programs take them (llama.packed_weights)
-        layer = llama.packed_weights(layer)
+    # every layer's weights as the runner's programs take them (llama.packed_weights), so that
+    # they come from memory as in a step (one layer's 7 MB would stay in the L3 call to call)
+    view = llama.packed_weights if r._pack else (lambda module: module)
+    ws = [(l.attn.qkv.kernel[...], l.attn.o.kernel[...], l.mlp.gate_up.kernel[...],
+           l.mlp.down.kernel[...]) for l in map(view, r.model.layers)]
     x = jnp.zeros((b.num_tokens, c.hidden_size), r.model.dtype)
     q = jnp.zeros((b.num_tokens, c.num_heads, c.head_dim), r.model.dtype)
     kn = jnp.zeros((b.num_tokens, c.num_kv_heads, c.head_dim), r.model.dtype)
     f = jnp.zeros((b.num_tokens, c.intermediate_size), r.model.dtype)
-    w = (layer.attn.qkv.kernel[...], layer.attn.o.kernel[...], layer.mlp.gate_up.kernel[...],
-         layer.mlp.down.kernel[...])
 
-    op = layer.attn.qkv.einsum_op  # as the runner runs them (llama.project_cpu on one CPU)
+    op = r.model.layers[0].attn.qkv.einsum_op  # as the runner runs them (llama.project_cpu on one CPU)
 
     @jax.jit
-    def matmuls(x, q, f, wqkv, wo, wgu, wd):
+    def matmuls(x, q, f, ws):
         kw = dict(preferred_element_type=jnp.float32)
-        gate_up = (cpu_matmul.swiglu(x, wgu) if wgu.dtype == jnp.uint32  # as llama.MLP
-                   else op("TD,DCF->TCF", x, wgu, **kw))
-        return (op("TD,DKCE->TKCE", x, wqkv, **kw), op("THE,HED->TD", q, wo, **kw),
-                gate_up, op("TF,FD->TD", f, wd, **kw))
+        out = []
+        for wqkv, wo, wgu, wd in ws:
+            gate_up = (cpu_matmul.swiglu(x, wgu) if wgu.dtype == jnp.uint32  # as llama.MLP
+                       else op("TD,DCF->TCF", x, wgu, **kw))
+            out.append((op("TD,DKCE->TKCE", x, wqkv, **kw), op("THE,HED->TD", q, wo, **kw),
+                        gate_up, op("TF,FD->TD", f, wd, **kw)))
+        return out
 
-    attention = jax.jit(lambda q, kc, vc, kn, md: kernels.ragged_paged_attention(
-        q, kc, vc, kn, kn, md, sm_scale=c.head_dim ** -0.5))
-    t_mm = timed(lambda: matmuls(x, q, f, *w), repeats) * c.num_layers
-    t_attn = timed(lambda: attention(q, *r.kv[0], kn, md), repeats) * c.num_layers
+    @jax.jit
+    def attention(q, kv, kn, md):  # every layer's cache: distinct calls (identical ones are CSE'd)
+        return [kernels.ragged_paged_attention(q, kc, vc, kn, kn, md, sm_scale=c.head_dim ** -0.5)
+                for kc, vc in kv]
+
+    t_mm = timed(lambda: matmuls(x, q, f, ws), repeats)
+    t_attn = timed(lambda: attention(q, r.kv, kn, md), repeats)
     t_layers = timed(lambda: layers(group, lkv, hidden, md, *dense_args)[0], repeats) * groups
     logits = head(hl, el, hidden, li)
     new_kv = tuple((kn, kn) for _ in range(c.num_layers))
@@ -132,7 +138,7 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
 
     # bytes (a packed weight, uint32 pairs of bf16, has the bf16 weight's bytes)
     weights = {name: sum(x.nbytes for x in jax.tree_util.tree_leaves(v)) for name, v in (
-        ("matmuls", w), ("embed", ()), ("head", el))}
+        ("matmuls", ws[0]), ("embed", ()), ("head", el))}
     attended = kv_len if not prompt else prompt * (prompt + 1) // 2  # (query, key) pairs
     kv_read = batch * kv_len * 2 * c.num_kv_heads * c.head_dim * itemsize * c.num_layers
     rows = [  # part, seconds, bytes, flops
