@@ -94,9 +94,9 @@ def profile(runner: ModelRunner, batch: int, context: int, bw: float, peak: floa
         return r.logits(b, hidden, logits_indices)
 
 
-    # The projections and the attention of one layer, as programs of their own.
-    # every layer's weights as the runner's programs take them (llama.packed_weights), so that
-    # they come from memory as in a step (one layer's 7 MB would stay in the L3 call to call)
+    # The projections and the attention of every layer, as programs of their own, on every
+    # layer's weights as the runner's programs take them (llama.packed_weights): from memory as
+    # in a step (one layer's 7 MB would stay in the L3 from call to call)
     view = llama.packed_weights if r._pack else (lambda module: module)
     ws = [(l.attn.qkv.kernel[...], l.attn.o.kernel[...], l.mlp.gate_up.kernel[...],
            l.mlp.down.kernel[...]) for l in map(view, r.model.layers)]

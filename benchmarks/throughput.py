@@ -130,8 +130,8 @@ def bench_vllm(dtype: str, batches: list[int], repeats: int, python: str | None,
         return peers.run_vllm(None, {})
     tok = Tokenizer.from_gguf_metadata(load_checkpoint(default_model_path()).gguf_metadata)
     job = dict(mode="offline", model=str(peers.dense_default_folder()), dtype=dtype,
-               prompts=make_prompts(tok, max(batches)), batches=batches, repeats=repeats,
-               batch1_repeats=batch1_repeats,
+               prompts=make_prompts(tok, max(batches)), batches=batches,
+               repeats=[runs_at(b, repeats, batch1_repeats) for b in batches],
                new_tokens=NEW_TOKENS, max_model_len=512)
     return peers.run_vllm(python, job)
 

@@ -2,8 +2,9 @@
 interpreter (it cannot import jaxserve). The job is JSON on stdin:
 
     {"mode": "offline", "model": HF_FOLDER, "dtype": "float32", "prompts": [[ids...], ...],
-     "batches": [1, 32], "repeats": 1, "new_tokens": 128, "max_model_len": 512}
-        -> one row per batch: end-to-end output tok/s of the first `batch` prompts (best run)
+     "batches": [1, 32], "repeats": [3, 1], "new_tokens": 128, "max_model_len": 512}
+        -> one row per batch: end-to-end output tok/s of the first `batch` prompts (the best
+           of that batch's repeats)
     {"mode": "decode_steps", "model": ..., "dtype": ..., "prompts": [...], "steps": 64,
      "warm_tokens": 4, "repeats": 1, "max_model_len": 512}
         -> one row: decode steps/s and tok/s with every prompt decoding at once, from the time of
@@ -40,9 +41,8 @@ def main():
     rows = []
     if job["mode"] == "offline":
         n = job["new_tokens"]
-        for b in job["batches"]:
-            t = best_time(llm, prompts[:b], greedy(n), max(job["repeats"], job.get("batch1_repeats", 1))
-                           if b == 1 else job["repeats"])
+        for b, repeats in zip(job["batches"], job["repeats"]):
+            t = best_time(llm, prompts[:b], greedy(n), repeats)
             rows.append(dict(engine="vllm", dtype=job["dtype"], batch=b, prefill=None, decode=None,
                              e2e=b * n / t, warmup=init))
     elif job["mode"] == "decode_steps":

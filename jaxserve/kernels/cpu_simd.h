@@ -273,10 +273,9 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t max_workers,
     std::unique_lock<std::mutex> lock(counters->mutex);
     counters->all_done.wait(lock, finished);
   }
-  if (warm && helpers > 0 && warm_helper.awake.fetch_add(1, std::memory_order_acq_rel) == 0) {
+  int none = 0;  // keep one task awake, unless one already is
+  if (warm && helpers > 0 && warm_helper.awake.compare_exchange_strong(none, 1)) {
     pool.Schedule([] { StayWarm(); });
-  } else if (warm && helpers > 0) {
-    warm_helper.awake.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 
